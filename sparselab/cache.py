@@ -1,0 +1,110 @@
+"""Content-addressed stage store under $SPARSELAB_HOME (default .sparselab/).
+
+An entry is `stages/<stage>/<key>/` holding `meta.json`, `metrics.json`, `artifacts/` and, for
+stages that produce a model, `model/` (or `adapter/`). It is written into `tmp/` and renamed into
+place only when complete, so a killed stage leaves no entry; a file lock per key keeps two runners
+from computing the same key at once (the second waits, then finds the entry).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+
+def sparselab_home() -> Path:
+    return Path(os.environ.get("SPARSELAB_HOME", ".sparselab"))
+
+
+@dataclass(frozen=True)
+class Entry:
+    stage: str
+    key: str
+    path: Path
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.path / "meta.json").read_text())
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        file = self.path / "metrics.json"
+        return json.loads(file.read_text()) if file.is_file() else {}
+
+    @property
+    def artifacts(self) -> Path:
+        return self.path / "artifacts"
+
+    def size(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+class StageCache:
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root is not None else sparselab_home()
+
+    def entry(self, stage: str, key: str) -> Entry | None:
+        path = self.root / "stages" / stage / key
+        return Entry(stage, key, path) if (path / "meta.json").is_file() else None
+
+    @contextmanager
+    def lock(self, stage: str, key: str) -> Iterator[None]:
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(locks / f"{stage}-{key}.lock")):
+            yield
+
+    @contextmanager
+    def writing(self, stage: str, key: str, meta: dict[str, Any]) -> Iterator[Path]:
+        """Yield a temporary folder; on success it becomes the entry, on any exit it is removed."""
+        tmp = self.root / "tmp" / f"{stage}-{key}-{uuid.uuid4().hex[:8]}"
+        (tmp / "artifacts").mkdir(parents=True)
+        try:
+            yield tmp
+            (tmp / "meta.json").write_text(json.dumps(
+                {**meta, "stage": stage, "key": key, "created": time.time(),
+                 "host": socket.gethostname()}, indent=2, default=str))
+            final = self.root / "stages" / stage / key
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():  # computed by someone who did not hold our lock: keep theirs
+                shutil.rmtree(tmp)
+            else:
+                os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def entries(self) -> list[Entry]:
+        base = self.root / "stages"
+        if not base.is_dir():
+            return []
+        return sorted((Entry(d.parent.name, d.name, d) for d in base.glob("*/*")
+                       if (d / "meta.json").is_file()), key=lambda e: (e.stage, e.key))
+
+    def gc(self, keep: set[str] | None = None, older_than_s: float = 3600.0) -> list[Path]:
+        """Remove stale temporary folders (older than `older_than_s`) and, when `keep` is given,
+        every entry whose key is not in it. Returns what was removed."""
+        removed = []
+        tmp = self.root / "tmp"
+        if tmp.is_dir():
+            now = time.time()
+            for folder in tmp.iterdir():
+                if now - folder.stat().st_mtime > older_than_s:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder)
+        if keep is not None:
+            for entry in self.entries():
+                if entry.key not in keep:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    removed.append(entry.path)
+        return removed

@@ -1,0 +1,242 @@
+"""The `sparselab` command: validate, plan, run, ls, ui, cache."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from sparselab.errors import UserError, unknown_name
+
+console = Console()
+
+
+class Command(click.Group):
+    """Turns UserError into one clear paragraph and exit code 2, with no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+
+@click.group(cls=Command)
+@click.option("-v", "--verbose", is_flag=True, help="Log stage details to the terminal.")
+def main(verbose: bool) -> None:
+    """Prune LLMs, recover them, evaluate them: one YAML matrix in, comparable MLflow runs out."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our progress display, not theirs
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    logging.getLogger("sparselab").setLevel(logging.INFO)
+    if verbose:
+        from rich.logging import RichHandler
+        logging.getLogger("sparselab").addHandler(RichHandler(console=console, show_path=False))
+
+
+def _prepare(matrix: str, only: str | None, sets: tuple[str, ...], data_dir: str | None):
+    """Matrix file -> validated cells (dense reference first) and their stage plans."""
+    from sparselab.matrix import DENSE, dense_reference, expand, load_matrix, parse_set
+    from sparselab.stages import plan_cell
+    from sparselab.validate import check_cells, source_of
+    mf = load_matrix(matrix)
+    cells = expand(mf, parse_set(sets), data_dir=data_dir)
+    if only:
+        wanted = [name.strip() for name in only.split(",") if name.strip()]
+        known = {c.name for c in cells} | {c.experiment for c in cells if c.experiment}
+        for name in wanted:
+            if name not in known and name != DENSE:
+                raise UserError("--only: " + unknown_name("cell", name, known))
+        cells = [c for c in cells if c.name in wanted or c.experiment in wanted]
+    dense = {}
+    for cell in cells:
+        ref = dense_reference(cell)
+        dense.setdefault(ref.hash, ref)
+    refs = list(dense.values())
+    if len(refs) > 1:
+        refs = [ref.model_copy(update={"name": f"{DENSE}[{i}]"}) for i, ref in enumerate(refs)]
+    cells = refs + cells
+    check_cells(mf, cells)
+    plans = [plan_cell(cell, source_of(cell)) for cell in cells]
+    return mf, plans
+
+
+_matrix_arg = click.argument("matrix", type=click.Path(dir_okay=False))
+_only = click.option("--only", help="Comma-separated cell or experiment names.")
+_set = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                    help="Dotted override applied to every cell (repeatable).")
+_data_dir = click.option("--data-dir", help="Folder laid out like ../shared/data, or 'builtin'.")
+
+
+@main.command()
+@click.argument("matrices", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_set
+@_data_dir
+def validate(matrices, sets, data_dir) -> None:
+    """Check matrix files (schema, names, ranges, data files) without loading a model."""
+    for matrix in matrices:
+        mf, plans = _prepare(matrix, None, sets, data_dir)
+        console.print(f"[green]ok[/] {matrix}: {len(plans) - 1} cells + dense reference")
+
+
+@main.command()
+@_matrix_arg
+@_only
+@_set
+@_data_dir
+def plan(matrix, only, sets, data_dir) -> None:
+    """List the cells, the stages each needs, which are shared and which are cached."""
+    from sparselab.cache import StageCache
+    from sparselab.stages import stage_status
+    mf, plans = _prepare(matrix, only, sets, data_dir)
+    cache = StageCache()
+    users = Counter(stage.key for p in plans for _, stage in p.roles())
+    table = Table(title=f"{mf.matrix.name}: {len(plans) - 1} cells + dense reference")
+    table.add_column("cell")
+    table.add_column("stages (key, status, shared by)")
+    for p in plans:
+        lines = []
+        for role, stage in p.roles():
+            status = stage_status(stage, cache)
+            colour = {"cached": "green", "external": "cyan"}.get(status, "yellow")
+            shared = f" ×{users[stage.key]}" if users[stage.key] > 1 else ""
+            lines.append(f"{role:<17} {stage.key} [{colour}]{status}[/]{shared}  {stage.label}")
+        table.add_row(p.cell.name, "\n".join(lines))
+    console.print(table)
+    distinct: dict[str, set[str]] = {}
+    cached: Counter = Counter()
+    for p in plans:
+        for _, stage in p.roles():
+            if stage.key not in distinct.setdefault(stage.kind, set()):
+                distinct[stage.kind].add(stage.key)
+                cached[stage.kind] += stage_status(stage, cache) != "to run"
+    for kind in ("load", "prune", "recover", "perplexity", "tasks"):
+        if kind in distinct:
+            console.print(f"{kind}: {len(distinct[kind])} distinct, {cached[kind]} cached "
+                          f"or external")
+
+
+@main.command()
+@_matrix_arg
+@_only
+@_set
+@_data_dir
+@click.option("--rerun", is_flag=True, help="Run cells even if an identical one has finished.")
+def run(matrix, only, sets, data_dir, rerun) -> None:
+    """Run the matrix: one MLflow child run per cell under one parent run."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from sparselab.cache import StageCache
+    from sparselab.runner import CellRun, StageRunner
+    from sparselab.tracking import Tracker, environment_tags
+    mf, plans = _prepare(matrix, only, sets, data_dir)
+    tracker = Tracker(mf.matrix.name)
+    parent = tracker.start_run(f"{mf.matrix.name} {time.strftime('%Y-%m-%d %H:%M:%S')}", {
+        "sparselab.matrix": mf.matrix.name, "sparselab.matrix_file": str(mf.path),
+        "sparselab.invocation": " ".join(sys.argv[1:]), **environment_tags()})
+    tracker.log_artifact(parent, Path(mf.path))
+    outcomes = []
+    start = time.perf_counter()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        overall = progress.add_task("cells", total=len(plans))
+        stage_task = progress.add_task("", total=None)
+        runner = StageRunner(StageCache(), on_stage=lambda label: progress.update(
+            stage_task, description=f"  {label}"))
+        try:
+            for p in plans:
+                progress.update(overall, description=f"cell {p.cell.name}")
+                previous = None if rerun else tracker.finished_cell(p.cell.hash)
+                if previous:
+                    progress.console.print(f"[dim]skip {p.cell.name}: finished in run "
+                                           f"{previous} (use --rerun to run again)[/]")
+                    from sparselab.runner import CellOutcome
+                    outcomes.append(CellOutcome(p.cell, "SKIPPED", previous))
+                else:
+                    outcome = CellRun(tracker, parent, p, mf.matrix.name, runner).execute()
+                    outcomes.append(outcome)
+                    colour = "green" if outcome.status == "FINISHED" else "red"
+                    progress.console.print(f"[{colour}]{outcome.status.lower()}[/] {p.cell.name}"
+                                           + (f": {outcome.error}" if outcome.error else ""))
+                progress.advance(overall)
+        except KeyboardInterrupt:
+            tracker.end_run(parent, "KILLED")
+            console.print("[red]interrupted[/]: the current cell is marked KILLED; "
+                          "finished stages stay cached.")
+            sys.exit(130)
+    failed = [o for o in outcomes if o.status == "FAILED"]
+    tracker.set_tags(parent, {"sparselab.cells": len(outcomes), "sparselab.failed": len(failed)})
+    tracker.end_run(parent, "FAILED" if failed else "FINISHED")
+    elapsed = time.perf_counter() - start
+    counts = Counter(o.status for o in outcomes)
+    console.print(f"{mf.matrix.name}: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
+                  + f" in {elapsed:.1f}s (experiment '{mf.matrix.name}', parent run {parent})")
+    if failed:
+        console.print("[red]failed cells:[/] " + ", ".join(o.cell.name for o in failed)
+                      + " (tracebacks are artifacts of their runs)")
+        sys.exit(1)
+
+
+@main.command(name="ls")
+def list_registered() -> None:
+    """The registered pruning methods, recovery methods, datasets, tasks and models."""
+    from sparselab.registry import ALL
+    for kind, registry in ALL.items():
+        console.print(f"[bold]{kind}[/]: {', '.join(registry.names()) or '-'}")
+
+
+@main.command()
+@click.option("--port", default=5000, show_default=True)
+def ui(port: int) -> None:
+    """Start the MLflow UI on 127.0.0.1 against the project's tracking store."""
+    from sparselab.tracking import tracking_uri
+    uri = tracking_uri()
+    console.print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                    "--host", "127.0.0.1", "--port", str(port)], check=False)
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and clean the stage cache ($SPARSELAB_HOME, default .sparselab/)."""
+
+
+@cache.command(name="ls")
+def cache_ls() -> None:
+    """List cache entries with their size and what they hold."""
+    from sparselab.cache import StageCache
+    store = StageCache()
+    table = Table(title=f"stage cache {store.root}")
+    for column in ("stage", "key", "size", "what"):
+        table.add_column(column)
+    for entry in store.entries():
+        table.add_row(entry.stage, entry.key, f"{entry.size() / 1e6:.1f} MB",
+                      entry.meta.get("label", ""))
+    console.print(table)
+
+
+@cache.command(name="gc")
+@click.option("--keep", "keep_matrices", multiple=True, type=click.Path(dir_okay=False),
+              help="Keep only the entries these matrices use (repeatable); without it only "
+                   "stale temporary folders are removed.")
+@_data_dir
+def cache_gc(keep_matrices, data_dir) -> None:
+    """Remove stale temporary folders, and entries no listed matrix needs."""
+    from sparselab.cache import StageCache
+    keep = None
+    if keep_matrices:
+        keep = {stage.key for matrix in keep_matrices
+                for p in _prepare(matrix, None, (), data_dir)[1] for _, stage in p.roles()}
+    removed = StageCache().gc(keep)
+    console.print(f"removed {len(removed)} folder(s)")

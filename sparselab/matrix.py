@@ -1,0 +1,537 @@
+"""The matrix file: pydantic models, expansion into cells, and the hashing that gives cells identity.
+
+A cell = top-level settings + `defaults` + one experiment's dotted overrides + one grid point
+(+ `--set` overrides from the command line), validated into a `CellConfig`. Its identity is the
+hash of the fully resolved config, so equal configs share runs and cache entries.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
+                      ValidationError, field_validator, model_validator)
+
+from sparselab.errors import UserError, did_you_mean
+from sparselab.registry import DATASETS, MODELS, PRUNING, RECOVERY, TASKS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _check_dataset(name: str) -> str:
+    DATASETS.check(name)
+    return name
+
+
+DatasetName = Annotated[str, Field(description="a dataset of the catalog")]
+
+
+class Mixture(Strict):
+    """`{mix: {wikitext2: 0.5, squad: 0.5}}`: sources interleaved by weight (normalised to 1)."""
+    mix: dict[str, PositiveFloat]
+
+    @field_validator("mix")
+    @classmethod
+    def _names_and_weights(cls, mix: dict[str, float]) -> dict[str, float]:
+        if len(mix) < 1:
+            raise ValueError("a mixture needs at least one dataset")
+        for name in mix:
+            _check_dataset(name)
+        total = sum(mix.values())
+        return {name: weight / total for name, weight in sorted(mix.items())}
+
+
+DataRef = Union[str, Mixture]
+
+
+def _check_data_ref(value: DataRef) -> DataRef:
+    if isinstance(value, str):
+        _check_dataset(value)
+    return value
+
+
+def data_components(ref: DataRef) -> dict[str, float]:
+    """The datasets of a data reference with their weights."""
+    return {ref: 1.0} if isinstance(ref, str) else dict(ref.mix)
+
+
+def describe_data(ref: DataRef) -> str:
+    if isinstance(ref, str):
+        return ref
+    return "+".join(f"{name}:{weight:g}" for name, weight in ref.mix.items())
+
+
+_PATTERN = re.compile(r"^(unstructured|tiers|(\d+):(\d+)|block:(\d+)x(\d+))$")
+
+
+def parse_pattern(pattern: str) -> tuple[str, tuple[int, ...]]:
+    """'2:4' -> ('nm', (2, 4)); 'block:16x16' -> ('block', (16, 16)); plain names -> (name, ())."""
+    match = _PATTERN.match(pattern)
+    if not match:
+        raise ValueError(f"unknown pattern '{pattern}'. Valid: unstructured, N:M (e.g. 2:4), "
+                         "block:BxB (e.g. block:16x16), tiers")
+    if match.group(2):
+        n, m = int(match.group(2)), int(match.group(3))
+        if not 0 < n < m:
+            raise ValueError(f"N:M pattern '{pattern}' needs 0 < N < M")
+        return "nm", (n, m)
+    if match.group(4):
+        rows, cols = int(match.group(4)), int(match.group(5))
+        if rows < 1 or cols < 1:
+            raise ValueError(f"block pattern '{pattern}' needs positive sizes")
+        return "block", (rows, cols)
+    return pattern, ()
+
+
+class Calibration(Strict):
+    data: DataRef = "wikitext2"
+    samples: PositiveInt = 128
+    seqlen: PositiveInt = 512
+    seed: int | None = None  # None: the cell's seed
+
+    _data = field_validator("data")(classmethod(lambda cls, v: _check_data_ref(v)))
+
+
+class Prune(Strict):
+    method: str = "magnitude"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    pattern: str = "unstructured"
+    calibration: Calibration = Calibration()
+    layer_ratios: Literal["uniform", "owl"] | list[float] = "uniform"
+    skip_layers: list[NonNegativeInt] = []
+    options: dict[str, Any] = {}
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, method: str) -> str:
+        PRUNING.check(method)
+        return method
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, pattern: str) -> str:
+        parse_pattern(pattern)
+        return pattern
+
+    @field_validator("layer_ratios")
+    @classmethod
+    def _ratios(cls, ratios):
+        if isinstance(ratios, list) and not all(0.0 <= r < 1.0 for r in ratios):
+            raise ValueError("every per-layer ratio must lie in [0, 1)")
+        return ratios
+
+
+class Lora(Strict):
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    targets: list[str] = ["q_proj", "v_proj"]
+    merge: bool = False
+
+
+class Train(Strict):
+    samples: PositiveInt = 1000
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None
+    seqlen: PositiveInt = 512
+    batch_size: PositiveInt = 4
+    grad_accum: PositiveInt = 4
+    lr: PositiveFloat = 2.0e-4
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: NonNegativeInt = 0
+    max_grad_norm: PositiveFloat = 1.0
+    weight_decay: float = Field(0.0, ge=0.0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int | None = None  # None: the cell's seed
+
+
+class Recover(Strict):
+    method: str = "none"
+    data: DataRef = "wikitext2"
+    lora: Lora = Lora()
+    train: Train = Train()
+
+    _data = field_validator("data")(classmethod(lambda cls, v: _check_data_ref(v)))
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, method: str) -> str:
+        RECOVERY.check(method)
+        return method
+
+
+class Perplexity(Strict):
+    data: str = "wikitext2"
+    seqlen: PositiveInt = 512
+    batch_size: PositiveInt = 4
+    max_windows: PositiveInt | None = None  # None: the whole test split
+
+    _data = field_validator("data")(classmethod(lambda cls, v: _check_dataset(v)))
+
+
+class Evaluate(Strict):
+    perplexity: Perplexity | None = Perplexity()
+    tasks: list[str] = []
+    limit: PositiveInt | None = 200
+    num_fewshot: NonNegativeInt | None = None
+    batch_size: PositiveInt = 8
+    seed: int | None = None  # None: the cell's seed
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, tasks: list[str]) -> list[str]:
+        for task in tasks:
+            TASKS.check(task)
+        return tasks
+
+
+class CellConfig(Strict):
+    """One fully resolved cell: everything a run needs, nothing implicit."""
+    model: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+    data_dir: str | None = None
+    trust_remote_code: bool = False
+    prune: Prune = Prune()
+    recover: Recover = Recover()
+    evaluate: Evaluate = Evaluate()
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, model: str) -> str:
+        from sparselab.models import check_model_name
+        check_model_name(model)
+        return model
+
+    @model_validator(mode="after")
+    def _fill_seeds(self) -> CellConfig:
+        """Stage seeds default to the cell seed; written out so the hash sees them."""
+        cal, train, ev = self.prune.calibration, self.recover.train, self.evaluate
+        updates = {}
+        if cal.seed is None:
+            updates["prune"] = self.prune.model_copy(
+                update={"calibration": cal.model_copy(update={"seed": self.seed})})
+        if train.seed is None:
+            updates["recover"] = self.recover.model_copy(
+                update={"train": train.model_copy(update={"seed": self.seed})})
+        if ev.seed is None:
+            updates["evaluate"] = ev.model_copy(update={"seed": self.seed})
+        for key, value in updates.items():
+            object.__setattr__(self, key, value)
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted params for MLflow (`prune.calibration.data`)."""
+        return flatten(self.model_dump(mode="json"))
+
+
+Direction = Literal["up", "down", "same"]
+
+
+class ReportSpec(Strict):
+    baseline: str | None = None
+    metrics: list[str] = ["squadv2.exact", "squadv2.f1", "gsm8k.exact_match", "boolq.acc",
+                          "wikitext2.ppl"]
+
+
+class Matrix(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    model: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+    data_dir: str | None = None
+    trust_remote_code: bool = False
+    defaults: dict[str, Any] = {}
+    experiments: dict[str, dict[str, Any]] = {}
+    grid: dict[str, list[Any]] = {}
+    expect: dict[str, dict[str, Direction]] = {}
+    report: ReportSpec = ReportSpec()
+
+    @field_validator("experiments")
+    @classmethod
+    def _experiment_names(cls, experiments: dict[str, dict[str, Any]]):
+        for name in experiments:
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name) or name == DENSE:
+                raise ValueError(f"experiment name '{name}' must be a plain word "
+                                 f"(letters, digits, _ . -) and not '{DENSE}'")
+        return experiments
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, grid: dict[str, list[Any]]):
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"grid key '{key}' has no values")
+        return grid
+
+
+DENSE = "dense"
+
+
+class Cell(BaseModel):
+    """A named, resolved cell of the matrix."""
+    model_config = ConfigDict(frozen=True)
+    name: str
+    experiment: str | None
+    config: CellConfig
+
+    @property
+    def hash(self) -> str:
+        return config_hash(self.config.model_dump(mode="json"))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "mix":
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def config_hash(config: Any, length: int = 12) -> str:
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict, creating (or replacing scalars with) dicts on the way."""
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = copy.deepcopy(value)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "mix":
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_set(assignments: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`--set prune.sparsity=0.6` -> {'prune.sparsity': 0.6}; values are parsed as YAML."""
+    overrides: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set '{item}' is not KEY=VALUE (e.g. --set prune.sparsity=0.6).")
+        try:
+            overrides[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise UserError(f"--set '{item}': the value is not valid YAML ({exc}).") from None
+    return overrides
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UserError(f"duplicate key '{key}' (first on line {seen[key]}); every key, "
+                                "experiment names included, must appear once.",
+                                line=key_node.start_mark.line + 1, key=str(key))
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _line_index(text: str) -> dict[tuple[str, ...], int]:
+    """Line number of every mapping key, by its path of keys."""
+    index: dict[tuple[str, ...], int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key_path = path + (str(key_node.value),)
+                index[key_path] = key_node.start_mark.line + 1
+                walk(value_node, key_path)
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+    except yaml.YAMLError:
+        pass
+    return index
+
+
+class MatrixFile:
+    """A matrix read from disk, kept with its line index so errors can point at lines."""
+
+    def __init__(self, path: str | Path, matrix: Matrix, lines: dict[tuple[str, ...], int]):
+        self.path = str(path)
+        self.matrix = matrix
+        self.lines = lines
+
+    def line_of(self, *candidates: tuple[str, ...]) -> int | None:
+        """The line of the first candidate key path found exactly, else of the longest
+        candidate prefix of at least two keys, else of the first top-level key found."""
+        for path in candidates:
+            if path in self.lines:
+                return self.lines[path]
+        best = max(((cut, path) for path in candidates for cut in range(2, len(path))
+                    if path[:cut] in self.lines), default=None)
+        if best:
+            return self.lines[best[1][:best[0]]]
+        return next((self.lines[p[:1]] for p in candidates if p[:1] in self.lines), None)
+
+
+def load_matrix(path: str | Path) -> MatrixFile:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("matrix file not found; give the path of a YAML matrix "
+                        "(see matrix/ for the shipped ones).", file=str(path))
+    text = path.read_text()
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except UserError as exc:
+        exc.file = str(path)
+        raise
+    except yaml.constructor.ConstructorError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise UserError(f"YAML tag not allowed ({exc.problem}); a matrix holds plain data only "
+                        "(mappings, lists, strings, numbers, booleans).",
+                        file=str(path), line=line) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"YAML syntax error: {problem}.", file=str(path),
+                        line=mark.line + 1 if mark else None) from None
+    if not isinstance(raw, dict):
+        raise UserError("a matrix must be a YAML mapping with at least 'name' and 'model'.",
+                        file=str(path))
+    lines = _line_index(text)
+    try:
+        matrix = Matrix.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = tuple(str(p) for p in error["loc"])
+        raise UserError(_explain(error, Matrix), file=str(path), line=_first_line(lines, loc),
+                        key=".".join(loc)) from None
+    return MatrixFile(path, matrix, lines)
+
+
+def _first_line(lines: dict[tuple[str, ...], int], loc: tuple[str, ...]) -> int | None:
+    for cut in range(len(loc), 0, -1):
+        if loc[:cut] in lines:
+            return lines[loc[:cut]]
+    return None
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    """Valid field names of the model found at `loc` (for 'did you mean')."""
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _explain(error: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = tuple(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        valid = _fields_at(model, loc[:-1])
+        return (f"unknown key '{loc[-1]}'.{did_you_mean(loc[-1], valid)} "
+                f"Valid keys here: {', '.join(valid)}.")
+    if error["type"] == "missing":
+        return "this key is required."
+    message = error["msg"]
+    message = message.removeprefix("Value error, ")
+    given = error.get("input")
+    if isinstance(given, (str, int, float, bool)) and error["type"] != "value_error":
+        return f"{message} (got {given!r})."
+    return message if message.endswith(".") else message + "."
+
+
+# --- expansion ---------------------------------------------------------------------------------
+
+TOP_LEVEL = ("model", "dtype", "seed", "data_dir", "trust_remote_code")
+
+
+def expand(mf: MatrixFile, overrides: dict[str, Any] | None = None,
+           data_dir: str | None = None) -> list[Cell]:
+    """Defaults x experiments x grid (+ --set overrides) -> validated cells, in file order."""
+    m = mf.matrix
+    base = {key: getattr(m, key) for key in TOP_LEVEL}
+    base = deep_merge(base, m.defaults)
+    if data_dir is not None:
+        base["data_dir"] = data_dir
+    experiments = m.experiments or {None: {}}
+    keys = list(m.grid)
+    points = [dict(zip(keys, values)) for values in itertools.product(*m.grid.values())]
+    cells: list[Cell] = []
+    for exp_name, exp_overrides in experiments.items():
+        for point in points:
+            tree = copy.deepcopy(base)
+            for dotted, value in {**exp_overrides, **point, **(overrides or {})}.items():
+                set_dotted(tree, dotted, value)
+            name = exp_name or "default"
+            if point:
+                name += "[" + ",".join(f"{k}={_short(v)}" for k, v in point.items()) + "]"
+            cells.append(Cell(name=name, experiment=exp_name,
+                              config=_validate_cell(mf, tree, exp_name, name)))
+    seen: dict[str, str] = {}
+    for cell in cells:
+        if cell.hash in seen:
+            raise UserError(f"cells '{seen[cell.hash]}' and '{cell.name}' resolve to the same "
+                            "config; remove one of them or make them differ.", file=mf.path)
+        seen[cell.hash] = cell.name
+    return cells
+
+
+def _short(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (dict, list)) else str(value)
+
+
+def _validate_cell(mf: MatrixFile, tree: dict[str, Any], experiment: str | None,
+                   cell: str) -> CellConfig:
+    try:
+        return CellConfig.model_validate(tree)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = tuple(str(p) for p in error["loc"])
+        # Pydantic reports which union branch failed ("str", "Mixture"); drop those parts.
+        loc = tuple(p for p in loc if p not in ("str", "Mixture", "list[float]") and
+                    not p.startswith("literal["))
+        error = {**error, "loc": loc}
+        dotted = ".".join(loc)
+        line = mf.line_of(("experiments", str(experiment), dotted), ("grid", dotted),
+                          ("defaults", *loc), loc, ("experiments", str(experiment)))
+        raise UserError(f"in cell '{cell}': {_explain(error, CellConfig)}", file=mf.path,
+                        line=line, key=dotted) from None
+
+
+def dense_reference(cell: Cell) -> Cell:
+    """The unpruned, unrecovered model with the same model and evaluation settings."""
+    config = cell.config.model_copy(update={
+        "prune": Prune(method="none", sparsity=0.0),
+        "recover": Recover(method="none"),
+    })
+    return Cell(name=DENSE, experiment=None, config=CellConfig.model_validate(
+        config.model_dump(mode="json")))

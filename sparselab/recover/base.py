@@ -1,0 +1,44 @@
+"""What a recovery method is: fine-tuning that wins back accuracy without touching the sparsity.
+
+The recover stage loads the pruned model, calls the method, then saves with the method's `save`
+and reads back with its `load` (a LoRA method stores only its adapter).
+"""
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sparselab.data.catalog import DataSource
+from sparselab.matrix import CellConfig, Recover
+from sparselab.models import LoadedModel, load_model, save_model
+
+
+@dataclass
+class RecoverContext:
+    cell: CellConfig
+    source: DataSource
+    artifacts: Path
+    log: logging.Logger
+    step_metrics: list[dict[str, float]] = field(default_factory=list)  # per-step train.loss etc.
+
+    @property
+    def config(self) -> Recover:
+        return self.cell.recover
+
+
+class RecoveryMethod(abc.ABC):
+    def check(self, config: Recover) -> None:
+        """Cheap validation before any model loads; raise ValueError with a clear message."""
+
+    @abc.abstractmethod
+    def recover(self, loaded: LoadedModel, ctx: RecoverContext) -> tuple[LoadedModel, dict]:
+        """Fine-tune; return the recovered model and its metrics."""
+
+    def save(self, loaded: LoadedModel, folder: Path) -> None:
+        save_model(loaded, folder / "model")
+
+    def load(self, parent: Callable[[], LoadedModel], folder: Path, dtype: str) -> LoadedModel:
+        return load_model(folder / "model", dtype=dtype)

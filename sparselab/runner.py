@@ -1,0 +1,273 @@
+"""Runs cells: materialises their stages through the cache and records each cell as an MLflow run.
+
+One failed cell never stops the others (it is marked FAILED with its traceback); Ctrl-C marks the
+current runs KILLED and leaves no half-written cache entry.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import yaml
+
+from sparselab.cache import Entry, StageCache
+from sparselab.data.catalog import DataSource
+from sparselab.matrix import Cell
+from sparselab.models import LoadedModel, load_model, model_source, save_model
+from sparselab.registry import DATASETS, PRUNING, RECOVERY
+from sparselab.stages import CellPlan, Stage
+from sparselab.tracking import environment_tags
+
+log = logging.getLogger("sparselab")
+
+TIME_METRICS = {"load": "time.load_s", "prune": "time.prune_s", "recover": "time.recover_s",
+                "perplexity": "time.perplexity_s", "tasks": "time.tasks_s"}
+
+
+class StageRunner:
+    """Computes or fetches stage entries, holding at most one model in memory.
+
+    A model handed to a stage that modifies it (prune, recover) leaves the memory slot, so a model
+    held in memory is always the one its key names.
+    """
+
+    def __init__(self, cache: StageCache, on_stage: Callable[[str], None] = lambda _: None):
+        self.cache = cache
+        self.on_stage = on_stage
+        self._held: tuple[str, LoadedModel] | None = None
+
+    def ensure(self, stage: Stage, plan: CellPlan) -> Entry:
+        entry = self.cache.entry(stage.kind, stage.key)
+        if entry is not None:
+            return entry
+        with self.cache.lock(stage.kind, stage.key):
+            entry = self.cache.entry(stage.kind, stage.key)  # another runner may have made it
+            if entry is not None:
+                return entry
+            parent_model = self._take(stage.parent, plan) if stage.kind in ("prune", "recover") \
+                else (self.model(stage.parent, plan) if stage.parent else None)
+            self.on_stage(stage.label)
+            log.info("stage %s %s: computing (%s)", stage.kind, stage.key, stage.label)
+            meta = {"label": stage.label, "config": stage.config,
+                    "parent": stage.parent.key if stage.parent else None}
+            with self.cache.writing(stage.kind, stage.key, meta) as out:
+                start = time.perf_counter()
+                produced = COMPUTE[stage.kind](stage, plan, parent_model, out)
+                metrics = json.loads((out / "metrics.json").read_text()) \
+                    if (out / "metrics.json").is_file() else {}
+                metrics[TIME_METRICS[stage.kind]] = time.perf_counter() - start
+                (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            if produced is not None:
+                self._held = (stage.key, produced)
+            log.info("stage %s %s: done in %.1fs", stage.kind, stage.key,
+                     metrics[TIME_METRICS[stage.kind]])
+            return self.cache.entry(stage.kind, stage.key)
+
+    def model(self, stage: Stage, plan: CellPlan) -> LoadedModel:
+        """The model a stage produced, from memory, from the cache, or computed now."""
+        if self._held and self._held[0] == stage.key:
+            return self._held[1]
+        entry = self.ensure(stage, plan)
+        if self._held and self._held[0] == stage.key:
+            return self._held[1]
+        self._held = None  # free the memory of the old model before loading the next
+        cfg = plan.cell.config
+        if stage.kind == "load" and stage.external:
+            loaded = model_source(cfg.model).load(cfg.dtype, cfg.trust_remote_code)
+        elif stage.kind == "recover":
+            method = RECOVERY.get(stage.config["method"])()
+            loaded = method.load(lambda: self._take(stage.parent, plan), entry.path, cfg.dtype)
+        else:
+            loaded = load_model(entry.path / "model", dtype=cfg.dtype,
+                                trust_remote_code=cfg.trust_remote_code)
+        self._held = (stage.key, loaded)
+        return loaded
+
+    def _take(self, stage: Stage, plan: CellPlan) -> LoadedModel:
+        loaded = self.model(stage, plan)
+        self._held = None
+        return loaded
+
+
+# --- what each stage computes ----------------------------------------------------------------
+# Each writes metrics.json and artifacts/ into `out`; model stages also save the model there
+# and return it, so the next stage of the cell need not read it back.
+
+def _write_metrics(out: Path, metrics: dict[str, float]) -> None:
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def _model_stats(loaded: LoadedModel, out: Path) -> dict[str, float]:
+    from sparselab.prune.layers import sparsity_report
+    from sparselab.plots import plot_layer_sparsity
+    per_layer, overall = sparsity_report(loaded.model)
+    rows = ["layer,zeros,total,sparsity"] + [
+        f"{name},{s['zeros']},{s['total']},{s['sparsity']:.6f}" for name, s in per_layer.items()]
+    (out / "artifacts" / "layer_sparsity.csv").write_text("\n".join(rows) + "\n")
+    plot_layer_sparsity(per_layer, out / "artifacts" / "layer_sparsity.png")
+    return overall
+
+
+def compute_load(stage: Stage, plan: CellPlan, _parent, out: Path) -> LoadedModel:
+    cfg = plan.cell.config
+    source = model_source(cfg.model)
+    if stage.external:
+        loaded = source.load(cfg.dtype, cfg.trust_remote_code)
+    else:
+        source.build(out / "model")
+        loaded = load_model(out / "model", dtype=cfg.dtype)
+        if cfg.dtype != "float32":  # store in the dtype the cell asked for
+            save_model(loaded, out / "model")
+    from sparselab.prune.layers import sparsity_report
+    _write_metrics(out, sparsity_report(loaded.model)[1])
+    return loaded
+
+
+def compute_prune(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) -> LoadedModel:
+    from sparselab.prune.base import PruneContext
+    cfg = plan.cell.config
+    method = PRUNING.get(cfg.prune.method)()
+    extra = method.prune(loaded, PruneContext(cfg, plan.source, out / "artifacts", log))
+    metrics = {**_model_stats(loaded, out), **extra}
+    save_model(loaded, out / "model")
+    _write_metrics(out, metrics)
+    return loaded
+
+
+def compute_recover(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) -> LoadedModel:
+    from sparselab.recover.base import RecoverContext
+    cfg = plan.cell.config
+    method = RECOVERY.get(cfg.recover.method)()
+    ctx = RecoverContext(cfg, plan.source, out / "artifacts", log)
+    recovered, extra = method.recover(loaded, ctx)
+    method.save(recovered, out)
+    (out / "steps.json").write_text(json.dumps(ctx.step_metrics))
+    _write_metrics(out, {**_model_stats(recovered, out), **extra})
+    return recovered
+
+
+def compute_perplexity(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) -> None:
+    from sparselab.evaluate.perplexity import perplexity
+    ppl = plan.cell.config.evaluate.perplexity
+    dataset = DATASETS.get(ppl.data)()
+    text = dataset.text(plan.source, dataset.eval_split)
+    result = perplexity(loaded.model, loaded.tokenizer, text, ppl.seqlen, ppl.batch_size,
+                        ppl.max_windows)
+    _write_metrics(out, {f"{ppl.data}.ppl": result["ppl"],
+                         f"{ppl.data}.ppl_tokens": result["tokens"]})
+
+
+COMPUTE = {"load": compute_load, "prune": compute_prune, "recover": compute_recover,
+           "perplexity": compute_perplexity}
+
+
+# --- cells -----------------------------------------------------------------------------------
+
+@dataclass
+class CellOutcome:
+    cell: Cell
+    status: str  # FINISHED | FAILED | SKIPPED | KILLED
+    run_id: str | None = None
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def cell_metrics(plan: CellPlan, entries: dict[str, Entry]) -> dict[str, float]:
+    """The DESIGN §5 metrics of a cell from its stage entries."""
+    metrics: dict[str, float] = {}
+    evaluate_s = 0.0
+    for role, entry in entries.items():
+        values = entry.metrics
+        if role == "perplexity_pruned":
+            metrics.update({k.replace(".ppl", ".ppl_pruned"): v for k, v in values.items()
+                            if ".ppl" in k and not k.startswith("time.")})
+            continue
+        for key, value in values.items():
+            if key in ("time.perplexity_s", "time.tasks_s"):
+                evaluate_s += value
+            else:
+                metrics[key] = value
+    if "perplexity" in entries or "tasks" in entries:
+        metrics["time.evaluate_s"] = evaluate_s
+    return metrics
+
+
+class CellRun:
+    """One cell as one MLflow child run, with its own log file."""
+
+    def __init__(self, tracker, parent_id: str, plan: CellPlan, matrix_name: str,
+                 runner: StageRunner):
+        self.tracker = tracker
+        self.parent_id = parent_id
+        self.plan = plan
+        self.matrix_name = matrix_name
+        self.runner = runner
+
+    def execute(self) -> CellOutcome:
+        cell = self.plan.cell
+        tags = {"sparselab.matrix": self.matrix_name, "sparselab.cell": cell.name,
+                "sparselab.cell_hash": cell.hash,
+                "sparselab.experiment": cell.experiment or "",
+                "sparselab.data_source": self.plan.source.label, **environment_tags()}
+        for role, stage in self.plan.roles():
+            tags[f"sparselab.stage.{role}.key"] = stage.key
+        run_id = self.tracker.start_run(cell.name, tags, self.parent_id)
+        self.tracker.log_params(run_id, cell.config.flat())
+        with TemporaryDirectory(prefix="sparselab-cell-") as tmp:
+            log_file = Path(tmp) / "cell.log"
+            handler = logging.FileHandler(log_file)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
+            try:
+                outcome = self._stages(run_id, Path(tmp))
+            except KeyboardInterrupt:
+                log.warning("interrupted")
+                self._close(run_id, handler, log_file, "KILLED")
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failed cell must not stop the others
+                trace = traceback.format_exc()
+                log.error("cell %s failed:\n%s", cell.name, trace)
+                (Path(tmp) / "traceback.txt").write_text(trace)
+                self.tracker.log_artifact(run_id, Path(tmp) / "traceback.txt")
+                self.tracker.set_tags(run_id, {"sparselab.error": f"{type(exc).__name__}: {exc}"[:500]})
+                self._close(run_id, handler, log_file, "FAILED")
+                return CellOutcome(cell, "FAILED", run_id, f"{type(exc).__name__}: {exc}")
+            self._close(run_id, handler, log_file, "FINISHED")
+            outcome.run_id = run_id
+            return outcome
+
+    def _close(self, run_id: str, handler: logging.Handler, log_file: Path, status: str) -> None:
+        log.removeHandler(handler)
+        handler.close()
+        if log_file.is_file():
+            self.tracker.log_artifact(run_id, log_file, "logs")
+        self.tracker.end_run(run_id, status)
+
+    def _stages(self, run_id: str, tmp: Path) -> CellOutcome:
+        cell = self.plan.cell
+        config_file = tmp / "cell_config.yaml"
+        config_file.write_text(yaml.safe_dump(cell.config.model_dump(mode="json"),
+                                              sort_keys=False))
+        self.tracker.log_artifact(run_id, config_file)
+        entries: dict[str, Entry] = {}
+        hits = {}
+        for role, stage in self.plan.roles():
+            hit = self.runner.cache.entry(stage.kind, stage.key) is not None
+            hits[f"sparselab.stage.{role}.cache"] = "hit" if hit else "miss"
+            entries[role] = self.runner.ensure(stage, self.plan)
+            self.tracker.log_artifacts(run_id, entries[role].artifacts, f"stages/{role}")
+        self.tracker.set_tags(run_id, hits)
+        metrics = cell_metrics(self.plan, entries)
+        self.tracker.log_metrics(run_id, metrics)
+        if "recover" in entries:
+            steps = json.loads((entries["recover"].path / "steps.json").read_text())
+            for name in sorted({k for step in steps for k in step}):
+                self.tracker.log_series(run_id, name, [s[name] for s in steps if name in s])
+        return CellOutcome(cell, "FINISHED", metrics=metrics)
+

@@ -1,0 +1,114 @@
+"""The stage chain of a cell and the keys that let cells share work.
+
+    load -> prune -> perplexity(pruned) -> recover -> perplexity -> tasks
+
+Each stage's key hashes its parent's key, its own config and where its data comes from, so cells
+that agree up to a stage share that stage (baseline, exp1 and exp3 of the guide prune once).
+`method: none` stages are left out: the model passes through and the keys follow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sparselab.cache import StageCache
+from sparselab.data.catalog import DataSource
+from sparselab.matrix import Cell, config_hash
+from sparselab.models import model_source
+from sparselab.registry import PRUNING
+
+# Bump a stage's version when its computation changes, so old cache entries are not reused.
+STAGE_VERSIONS = {"load": 1, "prune": 1, "recover": 1, "perplexity": 1, "tasks": 1}
+MODEL_STAGES = ("load", "prune", "recover")
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str
+    key: str
+    config: dict[str, Any]
+    parent: Stage | None
+    label: str
+    external: bool = False  # a hub id or folder: loaded where it is, nothing stored
+
+    def lineage(self) -> list[Stage]:
+        chain = [self]
+        while chain[-1].parent is not None:
+            chain.append(chain[-1].parent)
+        return chain[::-1]
+
+
+def _stage(kind: str, config: dict[str, Any], parent: Stage | None, data: str | None,
+           label: str, external: bool = False) -> Stage:
+    key = config_hash({"kind": kind, "version": STAGE_VERSIONS[kind],
+                       "parent": parent.key if parent else None, "config": config, "data": data})
+    return Stage(kind, key, config, parent, label, external)
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    """A cell's stages, by the role each plays in its run."""
+    cell: Cell
+    source: DataSource
+    model: Stage
+    ppl_pruned: Stage | None
+    ppl: Stage | None
+    tasks: Stage | None
+
+    def roles(self) -> list[tuple[str, Stage]]:
+        """Every stage this cell needs, in order, with the role it plays."""
+        out = []
+        for stage in self.model.lineage():
+            out.append((stage.kind, stage))
+            if stage.kind == "prune" and self.ppl_pruned is not None:
+                out.append(("perplexity_pruned", self.ppl_pruned))  # while it is in memory
+        out += [(role, stage) for role, stage in (("perplexity", self.ppl), ("tasks", self.tasks))
+                if stage is not None]
+        return out
+
+
+def plan_cell(cell: Cell, source: DataSource) -> CellPlan:
+    cfg = cell.config
+    src = model_source(cfg.model)
+    model = _stage("load", {**src.identity(), "dtype": cfg.dtype,
+                            "trust_remote_code": cfg.trust_remote_code},
+                   None, None, f"load {cfg.model} ({cfg.dtype})", external=not src.needs_build)
+    pruned = None
+    if cfg.prune.method != "none":
+        prune = cfg.prune.model_dump(mode="json")
+        if not PRUNING.get(cfg.prune.method).needs_calibration:
+            prune.pop("calibration")  # cells that differ only there share the pruned model
+        model = pruned = _stage("prune", prune, model, source.label,
+                                f"prune {cfg.prune.method} {cfg.prune.sparsity:g} "
+                                f"{cfg.prune.pattern}"
+                                + (f" calib={_data(prune['calibration']['data'])}"
+                                   if "calibration" in prune else ""))
+    if cfg.recover.method != "none":
+        recover = cfg.recover.model_dump(mode="json")
+        model = _stage("recover", recover, model, source.label,
+                       f"recover {cfg.recover.method} on {_data(recover['data'])}")
+    ev = cfg.evaluate
+    ppl = ppl_pruned = tasks = None
+    if ev.perplexity is not None:
+        ppl_cfg = ev.perplexity.model_dump(mode="json")
+        label = f"perplexity {ev.perplexity.data} seqlen={ev.perplexity.seqlen}"
+        ppl = _stage("perplexity", ppl_cfg, model, source.label, label)
+        if pruned is not None:
+            ppl_pruned = _stage("perplexity", ppl_cfg, pruned, source.label, label + " (pruned)")
+    if ev.tasks:
+        tasks_cfg = ev.model_dump(mode="json", exclude={"perplexity"})
+        tasks = _stage("tasks", tasks_cfg, model, source.label,
+                       f"tasks {','.join(ev.tasks)} limit={ev.limit}")
+    return CellPlan(cell, source, model, ppl_pruned, ppl, tasks)
+
+
+def _data(ref: Any) -> str:
+    if isinstance(ref, str):
+        return ref
+    return "+".join(f"{k}:{v:g}" for k, v in ref["mix"].items())
+
+
+def stage_status(stage: Stage, cache: StageCache) -> str:
+    if stage.external:
+        return "external"
+    return "cached" if cache.entry(stage.kind, stage.key) else "to run"

@@ -1,0 +1,83 @@
+"""Checks that need more than the schema, done before any model loads or any run is created:
+method-specific options and patterns, and that every file a stage will read is there.
+"""
+from __future__ import annotations
+
+import os
+
+from pydantic import ValidationError
+
+from sparselab.data.catalog import DataSource, TaskDataset, TextCorpus, resolve_data_dir
+from sparselab.errors import UserError
+from sparselab.matrix import Cell, MatrixFile, data_components
+from sparselab.registry import DATASETS, PRUNING, RECOVERY
+
+
+def source_of(cell: Cell) -> DataSource:
+    return resolve_data_dir(cell.config.data_dir)
+
+
+def check_cells(mf: MatrixFile, cells: list[Cell]) -> None:
+    for cell in cells:
+        try:
+            _check_cell(cell)
+        except UserError as exc:
+            exc.file = exc.file or mf.path
+            exc.message = f"in cell '{cell.name}': {exc.message}"
+            if exc.key and exc.line is None:
+                exc.line = mf.line_of(("experiments", str(cell.experiment), exc.key),
+                                      ("defaults", *exc.key.split(".")), tuple(exc.key.split(".")))
+            raise
+
+
+def _check_cell(cell: Cell) -> None:
+    cfg = cell.config
+    try:
+        source = source_of(cell)
+    except UserError as exc:
+        raise UserError(exc.message, key="data_dir") from None
+    if source.is_hub and os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise UserError("no data directory is set and the hub is offline (HF_DATASETS_OFFLINE=1); "
+                        "pass --data-dir (e.g. ../shared/data), set data_dir in the matrix, or "
+                        "use 'builtin' for the shipped fixtures.", key="data_dir")
+    method = PRUNING.get(cfg.prune.method)()
+    _as_user_error(lambda: method.check(cfg.prune), "prune")
+    if cfg.prune.method != "none" and getattr(method, "needs_calibration", False):
+        _check_training_data(cfg.prune.calibration.data, source, "prune.calibration.data")
+    recovery = RECOVERY.get(cfg.recover.method)()
+    _as_user_error(lambda: recovery.check(cfg.recover), "recover")
+    if cfg.recover.method != "none":
+        _check_training_data(cfg.recover.data, source, "recover.data")
+    if cfg.evaluate.perplexity is not None:
+        dataset = DATASETS.get(cfg.evaluate.perplexity.data)()
+        if not isinstance(dataset, TextCorpus):
+            raise UserError(f"perplexity needs a plain-text dataset (wikitext2, c4), not "
+                            f"'{dataset.name}'.", key="evaluate.perplexity.data")
+        _require(dataset, source, dataset.eval_split, "evaluate.perplexity.data")
+
+
+def _as_user_error(check, key: str) -> None:
+    try:
+        check()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = ".".join(str(p) for p in error["loc"])
+        raise UserError(error["msg"] + ".", key=f"{key}.options.{loc}") from None
+    except ValueError as exc:
+        raise UserError(str(exc), key=key) from None
+
+
+def _check_training_data(ref, source: DataSource, key: str) -> None:
+    for name in data_components(ref):
+        dataset = DATASETS.get(name)()
+        try:
+            dataset.training_split(source)
+        except UserError as exc:
+            raise UserError(exc.message, key=key) from None
+        if not isinstance(dataset, (TextCorpus, TaskDataset)):
+            raise UserError(f"dataset '{name}' cannot be used for training", key=key)
+
+
+def _require(dataset, source: DataSource, split: str, key: str) -> None:
+    if not dataset.has_split(source, split):
+        raise UserError(dataset.missing(source, split), key=key)

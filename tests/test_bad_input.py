@@ -1,0 +1,90 @@
+"""Every kind of bad input gets one clear message naming file, line and key; exit 2; no traceback;
+nothing is run and no MLflow run is created."""
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from sparselab.cli import main
+
+from conftest import write
+
+GOOD = """name: bad
+model: tiny-llama
+data_dir: builtin
+defaults:
+  prune: {method: magnitude, sparsity: 0.5}
+  recover: {method: none}
+  evaluate: {perplexity: {data: wikitext2, seqlen: 64}, tasks: []}
+experiments:
+  a: {prune.sparsity: 0.5}
+  b: {prune.sparsity: 0.6}
+"""
+
+CASES = {
+    "yaml syntax": (GOOD.replace("tasks: []}", "tasks: [}"), ["YAML syntax error", "line 7"]),
+    "unknown key": (GOOD.replace("sparsity: 0.5}", "sparsty: 0.5}", 1),
+                    ["unknown key 'sparsty'", "Did you mean 'sparsity'", "prune.sparsty", "line 5"]),
+    "unknown key in experiment": (GOOD.replace("a: {prune.sparsity: 0.5}", "a: {prune.sparsity: 0.5, prune.metod: x}"),
+                                  ["unknown key 'metod'", "Did you mean 'method'", "line 9"]),
+    "wrong type": (GOOD.replace("b: {prune.sparsity: 0.6}", "b: {prune.sparsity: lots}"),
+                   ["prune.sparsity", "valid number", "line 10"]),
+    "sparsity out of range": (GOOD.replace("b: {prune.sparsity: 0.6}", "b: {prune.sparsity: 1.0}"),
+                              ["prune.sparsity", "less than 1", "cell 'b'", "line 10"]),
+    "unknown method": (GOOD.replace("method: magnitude", "method: magnitud"),
+                       ["unknown pruning method 'magnitud'", "Did you mean 'magnitude'"]),
+    "unknown dataset": (GOOD.replace("data: wikitext2", "data: wikitext3"),
+                        ["unknown dataset 'wikitext3'", "Did you mean 'wikitext2'"]),
+    "unknown model": (GOOD.replace("model: tiny-llama", "model: tiny-lama"),
+                      ["unknown model 'tiny-lama'", "Did you mean 'tiny-llama'"]),
+    "offline hub model": (GOOD.replace("model: tiny-llama", "model: nobody/no-such-model"),
+                          ["hub is offline", "nobody/no-such-model"]),
+    "duplicate experiment": (GOOD + "  a: {prune.sparsity: 0.7}\n", ["duplicate key 'a'", "line 11"]),
+    "python tag": (GOOD.replace("name: bad", "name: !!python/object/apply:os.system ['true']"),
+                   ["YAML tag not allowed", "line 1"]),
+    "missing data dir": (GOOD.replace("data_dir: builtin", "data_dir: /no/such/folder"),
+                         ["data directory '/no/such/folder' does not exist", "data_dir"]),
+    "unknown pattern": (GOOD.replace("sparsity: 0.5}", "sparsity: 0.5, pattern: '4:2'}", 1),
+                        ["N:M pattern '4:2' needs 0 < N < M"]),
+    "empty grid": (GOOD + "grid:\n  prune.sparsity: []\n", ["grid key 'prune.sparsity' has no values"]),
+    "not a mapping": ("- a\n- b\n", ["must be a YAML mapping"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_matrix_is_refused_clearly(workspace, case):
+    text, expected = CASES[case]
+    path = write(workspace / "bad.yaml", text)
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "bad.yaml" in message
+    for fragment in expected:
+        assert fragment in message, (fragment, message)
+    assert "Traceback" not in result.output
+    assert not (workspace / "mlflow.db").exists()  # no run was created
+    assert not (workspace / "home").exists()  # no stage was computed
+
+
+def test_missing_data_file(workspace):
+    data = workspace / "data"
+    write(data / "wikitext-2" / "wiki.valid.tokens", "some text\n")
+    path = write(workspace / "bad.yaml", GOOD.replace("data_dir: builtin", f"data_dir: {data}"))
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2
+    message = " ".join(result.output.split())
+    assert "split 'test' not found" in message and "wiki.test.raw" in message
+    assert "evaluate.perplexity.data" in message
+
+
+def test_missing_matrix_file(workspace):
+    result = CliRunner().invoke(main, ["plan", "nope.yaml"])
+    assert result.exit_code == 2 and "matrix file not found" in result.output
+
+
+def test_bad_set_and_only(workspace):
+    path = write(workspace / "m.yaml", GOOD)
+    result = CliRunner().invoke(main, ["plan", str(path), "--set", "prune.sparsity"])
+    assert result.exit_code == 2 and "KEY=VALUE" in result.output
+    result = CliRunner().invoke(main, ["plan", str(path), "--only", "c"])
+    assert result.exit_code == 2 and "unknown cell 'c'" in result.output

@@ -1,0 +1,93 @@
+"""The stage store: atomic entries, locks, gc."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from sparselab.cache import StageCache
+
+
+def test_entry_appears_only_when_complete(tmp_path):
+    cache = StageCache(tmp_path)
+    with cache.writing("prune", "abc", {"label": "x"}) as out:
+        (out / "metrics.json").write_text('{"a": 1}')
+        assert cache.entry("prune", "abc") is None  # not visible while being written
+    entry = cache.entry("prune", "abc")
+    assert entry.metrics == {"a": 1} and entry.meta["label"] == "x"
+    assert not any((tmp_path / "tmp").iterdir())
+
+
+def test_failed_stage_leaves_nothing(tmp_path):
+    cache = StageCache(tmp_path)
+    with pytest.raises(RuntimeError):
+        with cache.writing("prune", "abc", {}) as out:
+            (out / "model.bin").write_bytes(b"0" * 1000)
+            raise RuntimeError("boom")
+    assert cache.entry("prune", "abc") is None
+    assert cache.entries() == []
+    assert not any((tmp_path / "tmp").iterdir())
+
+
+def test_killed_stage_leaves_no_entry_and_gc_cleans(tmp_path):
+    """SIGKILL mid-write: no entry appears; the orphaned temporary folder is removed by gc."""
+    script = textwrap.dedent(f"""
+        import time
+        from sparselab.cache import StageCache
+        cache = StageCache({str(tmp_path)!r})
+        with cache.writing("prune", "abc", {{}}) as out:
+            (out / "half.bin").write_bytes(b"0" * 1000)
+            print("writing", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    cache = StageCache(tmp_path)
+    assert cache.entry("prune", "abc") is None
+    leftovers = list((tmp_path / "tmp").iterdir())
+    assert len(leftovers) == 1
+    assert cache.gc(older_than_s=3600) == []  # fresh: could belong to a live runner
+    old = time.time() - 7200
+    os.utime(leftovers[0], (old, old))
+    assert cache.gc(older_than_s=3600) == leftovers
+    assert not leftovers[0].exists()
+
+
+def test_lock_serialises_the_same_key(tmp_path):
+    """A second runner waits on the key's lock, then finds the entry instead of recomputing."""
+    script = textwrap.dedent(f"""
+        import time
+        from sparselab.cache import StageCache
+        cache = StageCache({str(tmp_path)!r})
+        with cache.lock("prune", "abc"):
+            print("locked", flush=True)
+            with cache.writing("prune", "abc", {{"by": "child"}}):
+                time.sleep(1.5)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    cache = StageCache(tmp_path)
+    start = time.perf_counter()
+    with cache.lock("prune", "abc"):
+        waited = time.perf_counter() - start
+        entry = cache.entry("prune", "abc")
+    proc.wait()
+    assert waited > 0.5
+    assert entry is not None and entry.meta["by"] == "child"
+
+
+def test_gc_keeps_only_listed_keys(tmp_path):
+    cache = StageCache(tmp_path)
+    for key in ("a", "b"):
+        with cache.writing("load", key, {}):
+            pass
+    removed = cache.gc(keep={"a"})
+    assert [e.key for e in cache.entries()] == ["a"]
+    assert len(removed) == 1

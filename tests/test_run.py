@@ -1,0 +1,160 @@
+"""End to end: the smoke matrix through `sparselab run`, into MLflow, with cache and resume."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from sparselab.cli import main
+
+from conftest import REPO, write
+
+SMOKE = REPO / "matrix" / "smoke.yaml"
+
+
+def _runs(workspace, experiment="smoke"):
+    client = MlflowClient(f"sqlite:///{workspace}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return client, parents, children
+
+
+def _entries(workspace):
+    return sorted(p.relative_to(workspace / "home") for p in (workspace / "home" / "stages").glob("*/*"))
+
+
+def test_smoke_matrix_end_to_end(workspace):
+    result = CliRunner().invoke(main, ["run", str(SMOKE)])
+    assert result.exit_code == 0, result.output
+    client, parents, children = _runs(workspace)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    by_cell = {r.data.tags["sparselab.cell"]: r for r in children}
+    assert sorted(by_cell) == ["baseline", "dense", "exp1", "exp2", "exp3", "exp4"]
+    exp2 = by_cell["exp2"]
+    assert exp2.info.status == "FINISHED"
+    # DESIGN §5 params: the resolved config, flattened with dots
+    assert exp2.data.params["prune.calibration.data"] == "squad"
+    assert exp2.data.params["recover.data"] == "squad"
+    assert exp2.data.params["prune.sparsity"] == "0.5"
+    assert exp2.data.params["model"] == "tiny-llama"
+    # tags
+    tags = exp2.data.tags
+    assert tags["sparselab.matrix"] == "smoke"
+    assert len(tags["sparselab.cell_hash"]) == 12
+    assert tags["sparselab.stage.prune.key"] and tags["sparselab.stage.prune.cache"] in ("hit", "miss")
+    assert "sparselab.version.torch" in tags and "sparselab.version.mlflow" in tags
+    # metrics
+    metrics = exp2.data.metrics
+    assert abs(metrics["sparsity.linear"] - 0.5) < 0.01
+    assert metrics["params.nonzero"] < metrics["params.total"]
+    for name in ("wikitext2.ppl", "wikitext2.ppl_pruned", "time.load_s", "time.prune_s",
+                 "time.evaluate_s"):
+        assert name in metrics, name
+    dense = by_cell["dense"].data.metrics
+    assert dense["sparsity.linear"] < 0.01 and "wikitext2.ppl_pruned" not in dense
+    assert dense["wikitext2.ppl"] != metrics["wikitext2.ppl_pruned"]
+    # all five cells share one magnitude prune (it reads no calibration data)
+    assert len({r.data.tags["sparselab.stage.prune.key"] for c, r in by_cell.items() if c != "dense"}) == 1
+    hits = [r.data.tags["sparselab.stage.prune.cache"] for c, r in by_cell.items() if c != "dense"]
+    assert sorted(hits) == ["hit"] * 4 + ["miss"]
+    # artifacts: config, log, per-layer sparsity
+    names = {a.path for a in client.list_artifacts(exp2.info.run_id)}
+    assert {"cell_config.yaml", "logs", "stages"} <= names
+    stage_files = {a.path for a in client.list_artifacts(exp2.info.run_id, "stages/prune")}
+    assert "stages/prune/layer_sparsity.csv" in stage_files
+
+    # a second run skips every finished cell and does no model work
+    entries = _entries(workspace)
+    again = CliRunner().invoke(main, ["run", str(SMOKE)])
+    assert again.exit_code == 0 and again.output.count("skip ") == 6
+    assert _entries(workspace) == entries
+    # --rerun makes new runs from the cache alone
+    rerun = CliRunner().invoke(main, ["run", str(SMOKE), "--rerun", "--only", "exp1"])
+    assert rerun.exit_code == 0, rerun.output
+    _, parents, children = _runs(workspace)
+    newest = max(children, key=lambda r: r.info.start_time)
+    assert newest.data.tags["sparselab.cell"] in ("exp1", "dense")
+    assert all(v == "hit" for k, v in newest.data.tags.items() if k.endswith(".cache"))
+    assert newest.data.metrics["wikitext2.ppl"] == pytest.approx(
+        by_cell[newest.data.tags["sparselab.cell"]].data.metrics["wikitext2.ppl"])
+    assert _entries(workspace) == entries
+
+
+def test_changed_evaluation_reruns_only_evaluation(workspace):
+    assert CliRunner().invoke(main, ["run", str(SMOKE), "--only", "baseline"]).exit_code == 0
+    before = set(_entries(workspace))
+    result = CliRunner().invoke(main, ["run", str(SMOKE), "--only", "baseline",
+                                       "--set", "evaluate.perplexity.max_windows=3"])
+    assert result.exit_code == 0, result.output
+    new = set(_entries(workspace)) - before
+    assert new and all(p.parts[1] == "perplexity" for p in new)
+
+
+def test_failed_cell_does_not_stop_the_others(workspace, monkeypatch):
+    from sparselab.prune.magnitude import MagnitudePruning
+    original = MagnitudePruning.prune
+
+    def explode(self, loaded, ctx):
+        if ctx.config.sparsity == 0.6:
+            raise RuntimeError("deliberate failure")
+        return original(self, loaded, ctx)
+
+    monkeypatch.setattr(MagnitudePruning, "prune", explode)
+    text = SMOKE.read_text().split("experiments:")[0] + (
+        "experiments:\n  a: {prune.sparsity: 0.6}\n  b: {prune.sparsity: 0.4}\n")
+    path = write(workspace / "two.yaml", text)
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 1
+    assert "failed cells: a" in " ".join(result.output.split())
+    client, parents, children = _runs(workspace)
+    status = {r.data.tags["sparselab.cell"]: r.info.status for r in children}
+    assert status == {"dense": "FINISHED", "a": "FAILED", "b": "FINISHED"}
+    failed = next(r for r in children if r.data.tags["sparselab.cell"] == "a")
+    assert "deliberate failure" in failed.data.tags["sparselab.error"]
+    assert "traceback.txt" in {a.path for a in client.list_artifacts(failed.info.run_id)}
+    assert parents[0].info.status == "FAILED"
+    assert not any((workspace / "home" / "tmp").iterdir())
+
+
+def test_interrupt_marks_run_killed_and_leaves_no_partial_entry(workspace, monkeypatch):
+    from sparselab import runner
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(runner.COMPUTE, "perplexity", interrupted)
+    result = CliRunner().invoke(main, ["run", str(SMOKE), "--only", "baseline"])
+    assert result.exit_code == 130
+    _, parents, children = _runs(workspace)
+    assert [r.info.status for r in children] == ["KILLED"]
+    assert parents[0].info.status == "KILLED"
+    assert not any((workspace / "home" / "tmp").iterdir())
+    assert not list((workspace / "home" / "stages").glob("perplexity/*"))
+    assert list((workspace / "home" / "stages").glob("load/*"))  # finished stages stay
+
+
+def test_plan_lists_stages_and_cache_state(workspace):
+    result = CliRunner().invoke(main, ["plan", str(SMOKE)])
+    assert result.exit_code == 0
+    assert "5 cells + dense reference" in result.output
+    assert "prune: 1 distinct, 0 cached" in result.output
+    CliRunner().invoke(main, ["run", str(SMOKE), "--only", "baseline"])
+    result = CliRunner().invoke(main, ["plan", str(SMOKE)])
+    assert "prune: 1 distinct, 1 cached" in result.output
+
+
+def test_ls_and_validate_shipped_matrices(workspace):
+    result = CliRunner().invoke(main, ["ls"])
+    assert "magnitude" in result.output and "tiny-llama" in result.output
+    for matrix in sorted((REPO / "matrix").glob("*.yaml")):
+        args = ["validate", str(matrix)]
+        if "tiny-llama" not in matrix.read_text():
+            if not shutil.which("sparselab") or not (REPO.parent / "shared" / "data").is_dir():
+                continue
+            args += ["--data-dir", str(REPO.parent / "shared" / "data")]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, (matrix, result.output)
