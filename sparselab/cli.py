@@ -16,6 +16,8 @@ from rich.table import Table
 from sparselab.errors import UserError, unknown_name
 
 console = Console()
+if not console.is_terminal:  # files and pipes get the whole table, not 80 columns
+    console = Console(width=200)
 
 
 class Command(click.Group):
@@ -102,16 +104,16 @@ def plan(matrix, only, sets, data_dir) -> None:
     cache = StageCache()
     users = Counter(stage.key for p in plans for _, stage in p.roles())
     table = Table(title=f"{mf.matrix.name}: {len(plans) - 1} cells + dense reference")
-    table.add_column("cell")
-    table.add_column("stages (key, status, shared by)")
+    for column in ("cell", "stage", "key", "status", "shared", "what"):
+        table.add_column(column)
     for p in plans:
-        lines = []
-        for role, stage in p.roles():
+        for index, (role, stage) in enumerate(p.roles()):
             status = stage_status(stage, cache)
             colour = {"cached": "green", "external": "cyan"}.get(status, "yellow")
-            shared = f" ×{users[stage.key]}" if users[stage.key] > 1 else ""
-            lines.append(f"{role:<17} {stage.key} [{colour}]{status}[/]{shared}  {stage.label}")
-        table.add_row(p.cell.name, "\n".join(lines))
+            table.add_row(p.cell.name if index == 0 else "", role, stage.key,
+                          f"[{colour}]{status}[/]",
+                          f"×{users[stage.key]}" if users[stage.key] > 1 else "", stage.label,
+                          end_section=index == len(p.roles()) - 1)
     console.print(table)
     distinct: dict[str, set[str]] = {}
     cached: Counter = Counter()
@@ -240,3 +242,106 @@ def cache_gc(keep_matrices, data_dir) -> None:
                 for p in _prepare(matrix, None, (), data_dir)[1] for _, stage in p.roles()}
     removed = StageCache().gc(keep)
     console.print(f"removed {len(removed)} folder(s)")
+
+
+def _pairs(items, option: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"{option} '{item}' is not KEY=VALUE.")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@main.command()
+@click.argument("matrix", required=False, type=click.Path(dir_okay=False))
+@click.option("--experiment", help="Report an MLflow experiment by name instead of a matrix file.")
+@click.option("--run", "parent_run", help="Only the cells of this parent run (one invocation).")
+@click.option("--all", "all_runs", is_flag=True, help="Every run of every cell, not just the newest.")
+@click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "html", "json"]),
+              default="table", show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False), help="Write to this file.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
+              help="Also draw grouped bars with error bars into this PNG.")
+@click.option("--where", multiple=True, metavar="KEY=VALUE", help="Keep cells whose config matches.")
+@click.option("--metrics", help="Comma-separated metric columns (default: the matrix's report.metrics).")
+@click.option("--pivot", "pivot_spec", help="rows=KEY cols=KEY value=METRIC (space-separated).")
+def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, where, metrics,
+           pivot_spec) -> None:
+    """Pivot the matrix's MLflow runs into a comparison table (read from the tracking store)."""
+    from sparselab import report as rep
+    from sparselab.matrix import DENSE, ReportSpec, expand, load_matrix
+    if not matrix and not experiment:
+        raise UserError("give a MATRIX file or --experiment NAME.")
+    cells = expect = None
+    baseline = None
+    chosen: list[str] = []
+    explicit = False
+    if matrix:
+        mf = load_matrix(matrix)
+        experiment = mf.matrix.name
+        cells = [DENSE] + [c.name for c in expand(mf)]
+        expect = mf.matrix.expect
+        baseline = mf.matrix.report.baseline
+        chosen = list(mf.matrix.report.metrics)
+        explicit = "metrics" in mf.matrix.report.model_fields_set
+    client = rep._client()
+    rows = rep.collect(client, experiment, cells, parent_run, all_runs)
+    if not any(r.run_id for r in rows):
+        raise UserError(f"no runs of '{experiment}' in the tracking store; run it first: "
+                        f"sparselab run {matrix or 'MATRIX'}")
+    available = sorted({m for r in rows for m in r.metrics if not m.endswith("_stderr")})
+    if metrics:
+        chosen, explicit = [m.strip() for m in metrics.split(",") if m.strip()], True
+    if not explicit:  # the default columns: those this store has
+        chosen = [m for m in (chosen or ReportSpec().metrics) if m in available]
+    result = rep.build(rows, experiment, chosen, baseline, expect, _pairs(where, "--where"))
+    if pivot_spec:
+        spec = _pairs(pivot_spec.split(), "--pivot")
+        if set(spec) != {"rows", "cols", "value"}:
+            raise UserError("--pivot takes 'rows=KEY cols=KEY value=METRIC'.")
+        header, body = rep.pivot(result, spec["rows"], spec["cols"], spec["value"])
+        text = "\n".join(",".join(line) for line in [header, *body]) + "\n" if fmt == "csv" else \
+            "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                      + ["| " + " | ".join(line) + " |" for line in body]) + "\n"
+    else:
+        renderers = {"md": rep.to_markdown, "csv": rep.to_csv, "html": rep.to_html,
+                     "json": rep.to_json}
+        text = renderers[fmt](result) if fmt in renderers else None
+    if output:
+        Path(output).write_text(text if text is not None else rep.to_markdown(result))
+        console.print(f"wrote {output}")
+    elif text is not None:
+        click.echo(text, nl=False)
+    else:
+        console.print(rep.to_rich(result))
+        if result.verdicts:
+            console.print(f"[bold]{result.summary()}[/]")
+            for line in rep.verdict_lines(result):
+                console.print("  " + line)
+    if plot_file:
+        rep.plot(result, Path(plot_file))
+        console.print(f"wrote {plot_file}")
+    _log_report(client, experiment, parent_run, result, plot_file)
+
+
+def _log_report(client, experiment: str, parent_run: str | None, result, plot_file) -> None:
+    """The Markdown (and plot) also go on the parent run they describe."""
+    import tempfile
+
+    from sparselab import report as rep
+    if parent_run is None:
+        exp = client.get_experiment_by_name(experiment)
+        parents = client.search_runs([exp.experiment_id],
+                                     filter_string="tags.`sparselab.invocation` != ''",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+        if not parents:
+            return
+        parent_run = parents[0].info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "report.md"
+        file.write_text(rep.to_markdown(result))
+        client.log_artifact(parent_run, str(file), "report")
+        if plot_file:
+            client.log_artifact(parent_run, str(plot_file), "report")

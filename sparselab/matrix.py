@@ -140,7 +140,7 @@ class Lora(Strict):
 class Train(Strict):
     samples: PositiveInt = 1000
     epochs: PositiveInt = 1
-    max_steps: PositiveInt | None = None
+    max_steps: PositiveInt | None = None  # overrides epochs (the data is cycled)
     seqlen: PositiveInt = 512
     batch_size: PositiveInt = 4
     grad_accum: PositiveInt = 4
@@ -150,6 +150,7 @@ class Train(Strict):
     max_grad_norm: PositiveFloat = 1.0
     weight_decay: float = Field(0.0, ge=0.0)
     precision: Literal["fp32", "bf16"] = "fp32"
+    eval_every: PositiveInt | None = None  # held-out loss every N steps (always at the end)
     seed: int | None = None  # None: the cell's seed
 
 

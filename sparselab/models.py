@@ -47,6 +47,17 @@ class ModelSource:
     def load(self, dtype: str, trust_remote_code: bool = False) -> LoadedModel:
         return load_model(self.name, dtype=dtype, trust_remote_code=trust_remote_code)
 
+    def config(self, trust_remote_code: bool = False):
+        """The model's config without its weights (for validation), or None if unreachable."""
+        from transformers import AutoConfig
+        path = Path(self.name)
+        try:
+            if path.suffix == ".gguf":
+                return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            return AutoConfig.from_pretrained(self.name, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError):
+            return None
+
 
 class TinyLlama(ModelSource):
     """A random-initialised Llama with grouped-query attention (4 query / 2 KV heads).
@@ -55,13 +66,17 @@ class TinyLlama(ModelSource):
     apply. The weights are drawn from a fixed seed, so every machine builds the same model.
     """
     needs_build = True
-    config = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4,
+    shape = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.02)
     seed = 0
 
     def identity(self) -> dict[str, Any]:
-        return {"model": self.name, "config": self.config, "seed": self.seed, "version": 1}
+        return {"model": self.name, "config": self.shape, "seed": self.seed, "version": 1}
+
+    def config(self, trust_remote_code: bool = False):
+        from transformers import LlamaConfig
+        return LlamaConfig(vocab_size=1024, **self.shape)
 
     def build(self, folder: Path) -> None:
         import torch
@@ -69,7 +84,7 @@ class TinyLlama(ModelSource):
         tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
         config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, **self.config)
+                             pad_token_id=tokenizer.pad_token_id, **self.shape)
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             model = LlamaForCausalLM(config)
@@ -84,6 +99,14 @@ class SmolLM2GGUF(ModelSource):
 
     def identity(self) -> dict[str, Any]:
         return {"model": self.name, "gguf": self.gguf_file, "version": 1}
+
+    def config(self, trust_remote_code: bool = False):
+        """As the GGUF header says (reading it through transformers takes seconds)."""
+        from transformers import LlamaConfig
+        return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                           num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                           max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                           tie_word_embeddings=True)
 
     @classmethod
     def folder(cls) -> Path | None:
@@ -104,6 +127,22 @@ class SmolLM2GGUF(ModelSource):
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=self.gguf_file)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+
+
+def linear_names(config) -> set[str]:
+    """Short names of the linear modules inside the decoder layers (q_proj, ...), from a model
+    built on the meta device: no memory, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = model.model.layers
+    return {name.rsplit(".", 1)[-1] for name, module in layers[0].named_modules()
+            if isinstance(module, torch.nn.Linear)}
+
+
+def context_length(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None)
 
 
 def model_source(name: str) -> ModelSource:

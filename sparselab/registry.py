@@ -43,6 +43,8 @@ PRUNING = Registry("pruning method", {
 
 RECOVERY = Registry("recovery method", {
     "none": "sparselab.recover.none:NoRecovery",
+    "lora": "sparselab.recover.lora:LoraRecovery",
+    "dense": "sparselab.recover.dense:DenseRecovery",
 })
 
 DATASETS = Registry("dataset", {

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from sparselab.data.catalog import DataSource, TaskDataset, TextCorpus, resolve_data_dir
 from sparselab.errors import UserError
 from sparselab.matrix import Cell, MatrixFile, data_components
+from sparselab.models import context_length, linear_names, model_source
 from sparselab.registry import DATASETS, PRUNING, RECOVERY
 
 
@@ -44,9 +45,20 @@ def _check_cell(cell: Cell) -> None:
     _as_user_error(lambda: method.check(cfg.prune), "prune")
     if cfg.prune.method != "none" and getattr(method, "needs_calibration", False):
         _check_training_data(cfg.prune.calibration.data, source, "prune.calibration.data")
+    model_config = model_source(cfg.model).config(cfg.trust_remote_code)
+    context = context_length(model_config) if model_config is not None else None
+    for key, seqlen in _seqlens(cell).items():
+        if context is not None and seqlen > context:
+            raise UserError(f"seqlen {seqlen} is longer than the context of model "
+                            f"'{cfg.model}' ({context} tokens).", key=key)
     recovery = RECOVERY.get(cfg.recover.method)()
-    _as_user_error(lambda: recovery.check(cfg.recover), "recover")
     if cfg.recover.method != "none":
+        names = linear_names(model_config) if model_config is not None else None
+        _as_user_error(lambda: recovery.check(cfg.recover, names), "recover.lora.targets")
+        if recovery.needs_pruned_parent and cfg.prune.method == "none":
+            raise UserError(f"recovery method '{cfg.recover.method}' keeps the pruned weights "
+                            "at zero, but this cell prunes nothing (prune.method: none), so "
+                            "there is no mask; use lora, or prune first.", key="recover.method")
         _check_training_data(cfg.recover.data, source, "recover.data")
     if cfg.evaluate.perplexity is not None:
         dataset = DATASETS.get(cfg.evaluate.perplexity.data)()
@@ -54,6 +66,18 @@ def _check_cell(cell: Cell) -> None:
             raise UserError(f"perplexity needs a plain-text dataset (wikitext2, c4), not "
                             f"'{dataset.name}'.", key="evaluate.perplexity.data")
         _require(dataset, source, dataset.eval_split, "evaluate.perplexity.data")
+
+
+def _seqlens(cell: Cell) -> dict[str, int]:
+    cfg = cell.config
+    out = {}
+    if cfg.prune.method != "none":
+        out["prune.calibration.seqlen"] = cfg.prune.calibration.seqlen
+    if cfg.recover.method != "none":
+        out["recover.train.seqlen"] = cfg.recover.train.seqlen
+    if cfg.evaluate.perplexity is not None:
+        out["evaluate.perplexity.seqlen"] = cfg.evaluate.perplexity.seqlen
+    return out
 
 
 def _as_user_error(check, key: str) -> None:

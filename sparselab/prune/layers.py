@@ -6,7 +6,10 @@ from torch import nn
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of decoder layers of a Llama-family model (`model.model.layers`)."""
+    """The stack of decoder layers of a Llama-family model (`model.model.layers`); a peft model
+    is looked through to its base model."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -25,7 +28,10 @@ def layer_index(name: str) -> int:
 
 
 def linear_modules(module: nn.Module) -> dict[str, nn.Linear]:
-    return {name: sub for name, sub in module.named_modules() if isinstance(sub, nn.Linear)}
+    """The linear layers of a module by name; inside a peft wrapper, the base layers under their
+    original names (LoRA's own A/B matrices are not model weights)."""
+    return {name.removesuffix(".base_layer"): sub for name, sub in module.named_modules()
+            if isinstance(sub, nn.Linear) and ".lora_" not in name}
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:

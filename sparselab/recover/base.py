@@ -30,8 +30,11 @@ class RecoverContext:
 
 
 class RecoveryMethod(abc.ABC):
-    def check(self, config: Recover) -> None:
-        """Cheap validation before any model loads; raise ValueError with a clear message."""
+    needs_pruned_parent = False  # dense recovery needs the mask a pruning left
+
+    def check(self, config: Recover, linear_names: set[str] | None = None) -> None:
+        """Cheap validation before any model loads; raise ValueError with a clear message.
+        `linear_names` are the model's linear module names where known."""
 
     @abc.abstractmethod
     def recover(self, loaded: LoadedModel, ctx: RecoverContext) -> tuple[LoadedModel, dict]:

@@ -1,0 +1,130 @@
+"""The fine-tuning loop shared by the recovery methods.
+
+AdamW with warmup and a schedule, gradient accumulation, gradient clipping, fp32 or bf16 autocast,
+a held-out loss at the end (and every `eval_every` steps if asked), and a divergence guard: a NaN
+or inf loss stops the stage before anything is saved. Methods plug in through two hooks
+(`after_backward`, `after_step`); dense recovery uses them to keep pruned weights at zero.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from transformers import get_scheduler
+
+from sparselab.matrix import Train
+from sparselab.plots import plot_series
+from sparselab.recover.base import RecoverContext
+from sparselab.recover.prompts import Example, TrainingSet, build_training_set, collate
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+def autocast(precision: str):
+    if precision == "bf16":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int,
+              precision: str) -> float:
+    device = next(model.parameters()).device
+    total = count = 0.0
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in
+                 collate(examples[start:start + batch_size], pad_id).items()}
+        with autocast(precision):
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 labels.reshape(-1), ignore_index=-100,
+                                                 reduction="sum")
+        total += loss.item()
+        count += int((labels != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train(model, tokenizer, ctx: RecoverContext,
+          after_backward: Callable[[], None] = lambda: None,
+          after_step: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Fine-tune the trainable parameters of `model` in place; return the training metrics."""
+    cfg: Train = ctx.config.train
+    data = build_training_set(tokenizer, ctx.config.data, ctx.source, cfg.samples, cfg.seqlen,
+                              cfg.seed)
+    ctx.log.info("recover: %d training / %d held-out examples from %s", len(data.train),
+                 len(data.held_out), data.splits)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    params = [p for p in model.parameters() if p.requires_grad]
+    micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    steps = cfg.max_steps or math.ceil(micro_per_epoch * cfg.epochs / cfg.grad_accum)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=steps)
+    device = next(model.parameters()).device
+    generator = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    batches = _batches(data, cfg.batch_size, generator)
+    model.train()
+    start = time.perf_counter()
+    tokens = 0
+    for step in range(steps):
+        losses = []
+        for _ in range(cfg.grad_accum):
+            batch = {k: v.to(device) for k, v in collate(next(batches), pad_id).items()}
+            with autocast(cfg.precision):
+                loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training loss became {loss.item()} at step {step}; nothing was saved. "
+                    f"Try a lower recover.train.lr (now {cfg.lr:g}) or recover.train.precision: "
+                    "bf16 (now " + cfg.precision + ").")
+            (loss / cfg.grad_accum).backward()
+            after_backward()
+            losses.append(loss.item())
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        after_step()
+        record = {"train.loss": sum(losses) / len(losses), "train.lr": scheduler.get_last_lr()[0]}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            record["train.eval_loss"] = mean_loss(model, data.held_out, cfg.batch_size, pad_id,
+                                                  cfg.precision)
+        ctx.step_metrics.append(record)
+    elapsed = time.perf_counter() - start
+    model.eval()
+    eval_loss = mean_loss(model, data.held_out, cfg.batch_size, pad_id, cfg.precision)
+    losses = [r["train.loss"] for r in ctx.step_metrics]
+    if losses:
+        plot_series(losses, ctx.artifacts / "loss_curve.png", "train.loss",
+                    f"{ctx.config.method} on {data.splits}")
+    trainable = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in model.parameters())
+    return {"train.eval_loss": eval_loss, "train.steps": float(steps),
+            "train.final_loss": losses[-1] if losses else float("nan"),
+            "train.tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "train.steps_per_s": steps / elapsed if elapsed > 0 else 0.0,
+            "train.trainable_params": float(trainable),
+            "train.trainable_share": trainable / total, "train.examples": float(len(data.train))}
+
+
+def _batches(data: TrainingSet, batch_size: int, generator: random.Random):
+    """Endless shuffled micro-batches, reshuffled every epoch."""
+    order = list(range(len(data.train)))
+    while True:
+        generator.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            yield [data.train[i] for i in order[start:start + batch_size]]

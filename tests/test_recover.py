@@ -1,0 +1,104 @@
+"""Recovery: LoRA learns without touching the base; dense keeps every pruned weight at zero."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from sparselab.data.catalog import resolve_data_dir
+from sparselab.matrix import CellConfig
+from sparselab.prune.layers import prunable_linears
+from sparselab.prune.patterns import mask_for_pattern
+from sparselab.recover.base import RecoverContext
+from sparselab.recover.prompts import IGNORE, task_example
+from sparselab.recover.training import TrainingDiverged
+
+
+def _ctx(tmp_path, **recover) -> RecoverContext:
+    cell = CellConfig.model_validate({"model": "tiny-llama", "data_dir": "builtin",
+                                      "prune": {"method": "magnitude"}, "recover": recover})
+    (tmp_path / "artifacts").mkdir(exist_ok=True)
+    return RecoverContext(cell, resolve_data_dir("builtin"), tmp_path / "artifacts",
+                          logging.getLogger("test"))
+
+
+def _prune(loaded, pattern):
+    with torch.no_grad():
+        for linear in prunable_linears(loaded.model).values():
+            mask = mask_for_pattern(linear.weight.abs(), pattern, 0.5, per_row=False)
+            linear.weight.mul_(mask)
+
+
+TRAIN = {"samples": 4, "seqlen": 32, "batch_size": 4, "grad_accum": 1, "max_steps": 25,
+         "lr": 5e-3, "schedule": "constant"}
+
+
+def test_lora_learns_and_leaves_the_base_bit_identical(tiny, tmp_path):
+    from peft import PeftModel
+
+    from sparselab.recover.lora import LoraRecovery
+    _prune(tiny, "unstructured")
+    tiny.model.save_pretrained(tmp_path / "base")  # as the prune stage stores it
+    base = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    method = LoraRecovery()
+    ctx = _ctx(tmp_path, method="lora", data="wikitext2", train=TRAIN,
+               lora={"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["attention", "mlp"]})
+    recovered, metrics = method.recover(tiny, ctx)
+    losses = [s["train.loss"] for s in ctx.step_metrics]
+    assert len(losses) == 25
+    assert losses[-1] < losses[0] - 0.5  # the repeated small set is being learned
+    assert all(b < a + 0.05 for a, b in zip(losses, losses[1:]))
+    assert 0 < metrics["train.trainable_share"] < 0.5
+    for name, param in recovered.model.get_base_model().named_parameters():
+        if "lora_" in name:
+            continue
+        original = name.replace(".base_layer", "")
+        assert torch.equal(param, base[original]), name
+    # the adapter round-trips through peft's own format
+    method.save(recovered, tmp_path / "out")
+    ids = torch.randint(0, 1000, (1, 16))
+    expected = recovered.model(input_ids=ids).logits
+    base_model = type(recovered.model.get_base_model()).from_pretrained(tmp_path / "base")
+    loaded = PeftModel.from_pretrained(base_model, tmp_path / "out" / "adapter")
+    assert torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "block:16x16"])
+def test_dense_keeps_pruned_weights_at_zero(tiny, tmp_path, pattern):
+    from sparselab.recover.dense import DenseRecovery
+    _prune(tiny, pattern)
+    zeros = {n: (l.weight == 0).clone() for n, l in prunable_linears(tiny.model).items()}
+    before = {n: l.weight.detach().clone() for n, l in prunable_linears(tiny.model).items()}
+    ctx = _ctx(tmp_path, method="dense", data="wikitext2",
+               train={**TRAIN, "max_steps": 5, "weight_decay": 0.1, "lr": 1e-3})
+    recovered, metrics = DenseRecovery().recover(tiny, ctx)
+    assert metrics["recover.sparsity_preserved"] == 1.0
+    changed = 0
+    for name, linear in prunable_linears(recovered.model).items():
+        assert torch.all(linear.weight[zeros[name]] == 0.0), name
+        assert torch.equal(linear.weight == 0, zeros[name]), name  # same sparsity, exactly
+        changed += not torch.equal(linear.weight, before[name])
+    assert changed == len(zeros)  # the remaining weights did train
+
+
+def test_answer_only_loss_masking(tiny):
+    tok = tiny.tokenizer
+    example = task_example(tok, "Question: what is two and two?\nAnswer:", " 4", seqlen=64)
+    answer = tok(" 4", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert example.input_ids[0] == tok.bos_token_id
+    assert example.input_ids[-len(answer):] == answer
+    assert example.labels[-len(answer):] == answer
+    assert all(label == IGNORE for label in example.labels[:-len(answer)])
+    # a long prompt is cut from the left; the answer always survives
+    long = task_example(tok, "word " * 200, " 4", seqlen=16)
+    assert len(long.input_ids) == 16 and long.labels[-len(answer):] == answer
+
+
+def test_nan_loss_stops_training_clearly(tiny, tmp_path):
+    from sparselab.recover.lora import LoraRecovery
+    with torch.no_grad():
+        tiny.model.model.norm.weight[0] = float("nan")
+    ctx = _ctx(tmp_path, method="lora", data="wikitext2", train=TRAIN)
+    with pytest.raises(TrainingDiverged, match="lower recover.train.lr"):
+        LoraRecovery().recover(tiny, ctx)
