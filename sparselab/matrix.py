@@ -182,8 +182,11 @@ class Evaluate(Strict):
     perplexity: Perplexity | None = Perplexity()
     tasks: list[str] = []
     limit: PositiveInt | None = 200
-    num_fewshot: NonNegativeInt | None = None
+    num_fewshot: NonNegativeInt | None = None  # None: each task's lm-eval default
     batch_size: PositiveInt = 8
+    # Overrides the tasks' generation settings (e.g. {max_gen_toks: 16} for smoke runs). It
+    # changes what is measured, so it is part of the stage key and logged; empty = lm-eval's own.
+    gen_kwargs: dict[str, Any] = {}
     seed: int | None = None  # None: the cell's seed
 
     @field_validator("tasks")

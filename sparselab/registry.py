@@ -55,7 +55,19 @@ DATASETS = Registry("dataset", {
     "boolq": "sparselab.data.boolq:BoolQ",
 })
 
-TASKS = Registry("evaluation task", {})
+TASKS = Registry("evaluation task", {
+    "squadv2": "sparselab.evaluate.tasks:SQUADV2",
+    "gsm8k": "sparselab.evaluate.tasks:GSM8K",
+    "boolq": "sparselab.evaluate.tasks:BOOLQ",
+    # lm-eval tasks run untouched; they read the hub (or its local caches) only
+    "arc_easy": "sparselab.evaluate.tasks:ARC_EASY",
+    "arc_challenge": "sparselab.evaluate.tasks:ARC_CHALLENGE",
+    "hellaswag": "sparselab.evaluate.tasks:HELLASWAG",
+    "piqa": "sparselab.evaluate.tasks:PIQA",
+    "winogrande": "sparselab.evaluate.tasks:WINOGRANDE",
+    "openbookqa": "sparselab.evaluate.tasks:OPENBOOKQA",
+    "lambada_openai": "sparselab.evaluate.tasks:LAMBADA_OPENAI",
+})
 
 MODELS = Registry("model", {
     "tiny-llama": "sparselab.models:TinyLlama",

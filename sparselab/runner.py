@@ -133,7 +133,8 @@ def compute_prune(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) 
     from sparselab.prune.base import PruneContext
     cfg = plan.cell.config
     method = PRUNING.get(cfg.prune.method)()
-    extra = method.prune(loaded, PruneContext(cfg, plan.source, out / "artifacts", log))
+    extra = method.prune(loaded, PruneContext(cfg, plan.source, out / "artifacts", log,
+                                              model_key=stage.parent.key, cache=StageCache()))
     metrics = {**_model_stats(loaded, out), **extra}
     save_model(loaded, out / "model")
     _write_metrics(out, metrics)
@@ -163,8 +164,15 @@ def compute_perplexity(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: P
                          f"{ppl.data}.ppl_tokens": result["tokens"]})
 
 
+def compute_tasks(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) -> None:
+    from sparselab.evaluate.harness import evaluate_tasks
+    cfg = plan.cell.config
+    _write_metrics(out, evaluate_tasks(loaded, cfg, plan.source, out / "artifacts",
+                                       gen_kwargs=cfg.evaluate.gen_kwargs or None))
+
+
 COMPUTE = {"load": compute_load, "prune": compute_prune, "recover": compute_recover,
-           "perplexity": compute_perplexity}
+           "perplexity": compute_perplexity, "tasks": compute_tasks}
 
 
 # --- cells -----------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ def _check_cell(cell: Cell) -> None:
             raise UserError(f"perplexity needs a plain-text dataset (wikitext2, c4), not "
                             f"'{dataset.name}'.", key="evaluate.perplexity.data")
         _require(dataset, source, dataset.eval_split, "evaluate.perplexity.data")
+    if cfg.evaluate.tasks:
+        from sparselab.evaluate.tasks import check_tasks
+        _as_user_error(lambda: check_tasks(cfg, source), "evaluate.tasks")
 
 
 def _seqlens(cell: Cell) -> dict[str, int]:

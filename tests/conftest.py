@@ -12,6 +12,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Tiny models gain nothing from threads, and on a busy 2-core machine spinning OpenMP threads
+# slow them down by an order of magnitude.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):

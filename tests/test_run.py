@@ -52,8 +52,13 @@ def test_smoke_matrix_end_to_end(workspace):
     assert abs(metrics["sparsity.linear"] - 0.5) < 0.01
     assert metrics["params.nonzero"] < metrics["params.total"]
     for name in ("wikitext2.ppl", "wikitext2.ppl_pruned", "time.load_s", "time.prune_s",
-                 "time.evaluate_s"):
+                 "time.recover_s", "time.evaluate_s", "squadv2.exact", "squadv2.f1",
+                 "gsm8k.exact_match", "gsm8k.exact_match_strict", "boolq.acc",
+                 "boolq.acc_stderr", "train.eval_loss"):
         assert name in metrics, name
+    assert 0 <= metrics["boolq.acc"] <= 1 and 0 <= metrics["squadv2.f1"] <= 100
+    losses = client.get_metric_history(exp2.info.run_id, "train.loss")
+    assert len(losses) == 4 and sorted(m.step for m in losses) == [0, 1, 2, 3]
     dense = by_cell["dense"].data.metrics
     assert dense["sparsity.linear"] < 0.01 and "wikitext2.ppl_pruned" not in dense
     assert dense["wikitext2.ppl"] != metrics["wikitext2.ppl_pruned"]
@@ -66,6 +71,10 @@ def test_smoke_matrix_end_to_end(workspace):
     assert {"cell_config.yaml", "logs", "stages"} <= names
     stage_files = {a.path for a in client.list_artifacts(exp2.info.run_id, "stages/prune")}
     assert "stages/prune/layer_sparsity.csv" in stage_files
+    task_files = {a.path for a in client.list_artifacts(exp2.info.run_id, "stages/tasks")}
+    assert "stages/tasks/lm_eval_results.json" in task_files
+    assert "stages/recover/loss_curve.png" in {
+        a.path for a in client.list_artifacts(exp2.info.run_id, "stages/recover")}
 
     # a second run skips every finished cell and does no model work
     entries = _entries(workspace)

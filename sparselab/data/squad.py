@@ -37,7 +37,7 @@ class SquadV2(TaskDataset):
 
     def prompt(self, record: dict) -> str:
         return (f"Title: {record['title']}\n\nBackground: {record['context']}\n\n"
-                f"Question: {record['question']}\n\n Answer:")
+                f"Question: {record['question']}\n\nAnswer:")
 
     def answer(self, record: dict) -> str:
         texts = record["answers"]["text"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from sparselab.cache import StageCache
 from sparselab.data.catalog import DataSource
 from sparselab.matrix import CellConfig, Prune
 from sparselab.models import LoadedModel
@@ -27,6 +28,8 @@ class PruneContext:
     source: DataSource
     artifacts: Path  # files written here are logged with the run
     log: logging.Logger
+    model_key: str = ""  # stage key of the model being pruned: analyses cached beside it key on it
+    cache: StageCache | None = None  # for a method's own cached analyses (e.g. layer importance)
 
     @property
     def config(self) -> Prune:
