@@ -91,9 +91,11 @@ class StageCache:
         return sorted((Entry(d.parent.name, d.name, d) for d in base.glob("*/*")
                        if (d / "meta.json").is_file()), key=lambda e: (e.stage, e.key))
 
-    def gc(self, keep: set[str] | None = None, older_than_s: float = 3600.0) -> list[Path]:
+    def gc(self, keep: set[str] | None = None, older_than_s: float = 3600.0,
+           kinds: set[str] | None = None) -> list[Path]:
         """Remove stale temporary folders (older than `older_than_s`) and, when `keep` is given,
-        every entry whose key is not in it. Returns what was removed."""
+        every entry of the stage `kinds` (all when None) whose key is not in it; entries of other
+        kinds (a method's own analyses) stay. Returns what was removed."""
         removed = []
         tmp = self.root / "tmp"
         if tmp.is_dir():
@@ -104,7 +106,7 @@ class StageCache:
                     removed.append(folder)
         if keep is not None:
             for entry in self.entries():
-                if entry.key not in keep:
+                if entry.key not in keep and (kinds is None or entry.stage in kinds):
                     shutil.rmtree(entry.path, ignore_errors=True)
                     removed.append(entry.path)
         return removed

@@ -240,7 +240,8 @@ def cache_gc(keep_matrices, data_dir) -> None:
     if keep_matrices:
         keep = {stage.key for matrix in keep_matrices
                 for p in _prepare(matrix, None, (), data_dir)[1] for _, stage in p.roles()}
-    removed = StageCache().gc(keep)
+    from sparselab.stages import STAGE_VERSIONS
+    removed = StageCache().gc(keep, kinds=set(STAGE_VERSIONS))
     console.print(f"removed {len(removed)} folder(s)")
 
 

@@ -101,7 +101,7 @@ class Calibration(Strict):
 
 
 class Prune(Strict):
-    method: str = "magnitude"
+    method: str = "wanda"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     pattern: str = "unstructured"
     calibration: Calibration = Calibration()
@@ -155,7 +155,7 @@ class Train(Strict):
 
 
 class Recover(Strict):
-    method: str = "none"
+    method: str = "lora"
     data: DataRef = "wikitext2"
     lora: Lora = Lora()
     train: Train = Train()
@@ -180,7 +180,7 @@ class Perplexity(Strict):
 
 class Evaluate(Strict):
     perplexity: Perplexity | None = Perplexity()
-    tasks: list[str] = []
+    tasks: list[str] = ["squadv2", "gsm8k", "boolq"]
     limit: PositiveInt | None = 200
     num_fewshot: NonNegativeInt | None = None  # None: each task's lm-eval default
     batch_size: PositiveInt = 8

@@ -39,6 +39,9 @@ class Registry:
 PRUNING = Registry("pruning method", {
     "none": "sparselab.prune.none:NoPruning",
     "magnitude": "sparselab.prune.magnitude:MagnitudePruning",
+    "wanda": "sparselab.prune.wanda:WandaPruning",
+    "sparsegpt": "sparselab.prune.sparsegpt:SparseGPTPruning",
+    "gqa_structured": "sparselab.prune.gqa_structured:GQAStructuredPruning",
 })
 
 RECOVERY = Registry("recovery method", {

@@ -46,6 +46,8 @@ def _check_cell(cell: Cell) -> None:
     if cfg.prune.method != "none" and getattr(method, "needs_calibration", False):
         _check_training_data(cfg.prune.calibration.data, source, "prune.calibration.data")
     model_config = model_source(cfg.model).config(cfg.trust_remote_code)
+    if model_config is not None and cfg.prune.method != "none":
+        _as_user_error(lambda: method.check_model(cfg.prune, model_config), "prune")
     context = context_length(model_config) if model_config is not None else None
     for key, seqlen in _seqlens(cell).items():
         if context is not None and seqlen > context:

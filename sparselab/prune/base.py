@@ -51,6 +51,9 @@ class PruningMethod(abc.ABC):
                              f"'{config.method}' (supported: {', '.join(self.patterns)}).")
         self.Options.model_validate(config.options)
 
+    def check_model(self, config: Prune, model_config) -> None:
+        """Validation that needs the model's shape (its config, no weights); ValueError if bad."""
+
     def options(self, config: Prune) -> BaseModel:
         return self.Options.model_validate(config.options)
 

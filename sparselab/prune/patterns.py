@@ -152,7 +152,8 @@ def block_tiers(scores: torch.Tensor, tiers: TierOptions) -> torch.Tensor:
     per_block = block_scores(scores, tiers.block, tiers.block)
     dense, nm, _ = tier_counts(per_block.numel(), tiers.ratios)
     order = torch.argsort(per_block.flatten(), descending=True, stable=True)
-    tier = torch.full((per_block.numel(),), REMOVED_TIER, dtype=torch.long)
+    tier = torch.full((per_block.numel(),), REMOVED_TIER, dtype=torch.long,
+                      device=scores.device)
     tier[order[:dense]] = DENSE_TIER
     tier[order[dense:dense + nm]] = NM_TIER
     return tier.view_as(per_block)
@@ -189,7 +190,7 @@ class Pattern:
 
     @property
     def fixed_sparsity(self) -> float | None:
-        """The sparsity the pattern itself implies (N:M, tiers), or None when it is a free choice."""
+        """The sparsity the pattern itself implies (N:M, tiers); None when it is a free choice."""
         if self.kind == "nm":
             n, m = self.args
             return 1 - n / m
@@ -223,7 +224,7 @@ class Pattern:
         """Check a pruned weight against its mask; return the mask's pruned share.
 
         `slack`: how many weights the pruned count may differ from sparsity * numel (the rounding
-        of one row or block per unit the method rounds in); ignored by N:M and tiers, checked exactly.
+        of one row or block per unit the method rounds in); N:M and tiers are checked exactly.
         """
         if bool((weight[~keep] != 0).any()):
             raise PatternViolation(f"{name}: {int((weight[~keep] != 0).sum())} weights outside "
@@ -236,8 +237,8 @@ class Pattern:
             br, bc = self.args
             self._verify_whole_blocks(name, keep, br, bc)
             if abs(pruned - sparsity * keep.numel()) > max(slack, br * bc) + 1e-6:
-                raise PatternViolation(f"{name}: {pruned / keep.numel():.4f} of the weights pruned, "
-                                       f"target {sparsity:.4f}")
+                raise PatternViolation(f"{name}: {pruned / keep.numel():.4f} of the weights "
+                                       f"pruned, target {sparsity:.4f}")
         elif self.kind == "tiers":
             self._verify_tiers(name, weight, keep)
         elif abs(pruned - sparsity * keep.numel()) > slack + 1e-6:
@@ -271,7 +272,7 @@ class Pattern:
         if counts != (dense, nm, removed):
             raise PatternViolation(f"{name}: tiers hold {counts} (dense, N:M, removed) blocks, "
                                    f"expected {(dense, nm, removed)}")
-        tier = torch.full(kept.shape, NM_TIER)
+        tier = torch.full(kept.shape, NM_TIER, device=keep.device)
         tier[kept == b * b] = DENSE_TIER
         tier[kept == 0] = REMOVED_TIER
         in_nm = expand_blocks(tier == NM_TIER, b, b)

@@ -1,0 +1,200 @@
+"""Recovery on SmolLM2-135M pruned 50% by Wanda: sparselab's LoRA and dense loops against a plain
+peft + transformers.Trainer loop on the same data and settings.
+
+    python benchmarks/recover_smollm2.py --data-dir ../shared/data --steps 40
+
+Each configuration runs in its own process so its peak memory (max RSS) is its own. Reported:
+optimizer steps/s (and the ratio to Trainer for the same method), peak RSS, trainable parameters,
+WikiText-2 perplexity before/after (seqlen 512, --max-windows), the sparsity check for dense, and
+with --task-limit N the SQuAD v2 F1 before/after for the SQuAD-recovered configurations.
+Writes benchmarks/results/recover_smollm2.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import REPO, header, smollm2_folder  # noqa: E402
+
+
+def pruned_folder(data_dir: str) -> Path:
+    """SmolLM2-135M pruned 50% unstructured by Wanda (WikiText-2, 32x256), built once."""
+    from sparselab.cache import sparselab_home
+    from sparselab.data.catalog import resolve_data_dir
+    from sparselab.matrix import CellConfig
+    from sparselab.models import load_model, save_model
+    from sparselab.prune.base import PruneContext
+    from sparselab.registry import PRUNING
+    folder = sparselab_home() / "benchmarks" / "smollm2-135m-wanda50"
+    if not (folder / "config.json").is_file():
+        loaded = load_model(smollm2_folder())
+        cell = CellConfig.model_validate({"model": "smollm2-135m", "data_dir": data_dir, "prune": {
+            "method": "wanda", "sparsity": 0.5, "calibration": {"samples": 32, "seqlen": 256}}})
+        PRUNING.get("wanda")().prune(loaded, PruneContext(
+            cell, resolve_data_dir(data_dir), Path(tempfile.mkdtemp()), logging.getLogger("bench")))
+        save_model(loaded, folder)
+    return folder
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    from sparselab.data.catalog import resolve_data_dir
+    from sparselab.evaluate.perplexity import perplexity
+    from sparselab.matrix import CellConfig
+    from sparselab.models import load_model
+    from sparselab.prune.layers import sparsity_report
+    from sparselab.recover.base import RecoverContext
+    from sparselab.registry import DATASETS, RECOVERY
+    torch.manual_seed(0)
+    source = resolve_data_dir(spec["data_dir"])
+    loaded = load_model(spec["pruned"])
+    wiki = DATASETS.get("wikitext2")()
+    text = wiki.text(source, "test")
+
+    def ppl(model):
+        return perplexity(model, loaded.tokenizer, text, 512, 4, spec["max_windows"])["ppl"]
+
+    def squad_f1(model):
+        if not spec["task_limit"] or spec["data"] != "squad":
+            return None
+        from sparselab.evaluate.harness import evaluate_tasks
+        cell = CellConfig.model_validate({"model": "smollm2-135m", "data_dir": spec["data_dir"],
+                                          "evaluate": {"tasks": ["squadv2"],
+                                                       "limit": spec["task_limit"]}})
+        from sparselab.models import LoadedModel
+        return evaluate_tasks(LoadedModel(model, loaded.tokenizer), cell, source,
+                              Path(tempfile.mkdtemp()))["squadv2.f1"]
+
+    result = {**{k: spec[k] for k in ("loop", "method", "data")},
+              "ppl_before": ppl(loaded.model), "f1_before": squad_f1(loaded.model)}
+    method = spec["method"]
+    train = {"samples": spec["samples"], "max_steps": spec["steps"], "seqlen": spec["seqlen"],
+             "batch_size": spec["batch"], "grad_accum": 1, "lr": 2e-4 if method == "lora" else 2e-5,
+             "warmup_steps": 0, "schedule": "linear"}
+    cell = CellConfig.model_validate({"model": "smollm2-135m", "data_dir": spec["data_dir"],
+                                      "prune": {"method": "wanda"}, "recover": {
+                                          "method": method, "data": spec["data"], "train": train}})
+    if spec["loop"] == "sparselab":
+        ctx = RecoverContext(cell, source, Path(tempfile.mkdtemp()), logging.getLogger("bench"))
+        recovered, metrics = RECOVERY.get(method)().recover(loaded, ctx)
+        model = recovered.model
+        result.update(steps_per_s=metrics["train.steps_per_s"],
+                      trainable=metrics["train.trainable_params"],
+                      sparsity_preserved=metrics.get("recover.sparsity_preserved"))
+    else:
+        model, result["steps_per_s"], result["trainable"] = trainer_loop(loaded, cell, source)
+    result["ppl_after"] = ppl(model)
+    result["f1_after"] = squad_f1(model)
+    result["sparsity_after"] = sparsity_report(model)[1]["sparsity.linear"]
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def trainer_loop(loaded, cell, source):
+    """The plain reference: peft (for LoRA) + transformers.Trainer on the same examples."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from sparselab.recover.lora import resolve_targets
+    from sparselab.recover.prompts import build_training_set, collate
+    cfg = cell.recover
+    data = build_training_set(loaded.tokenizer, cfg.data, source, cfg.train.samples,
+                              cfg.train.seqlen, cfg.train.seed)
+    model = loaded.model
+    if cfg.method == "lora":
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            target_modules=resolve_targets(cfg.lora.targets), task_type="CAUSAL_LM"))
+    else:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum, max_steps=cfg.train.max_steps,
+        learning_rate=cfg.train.lr, lr_scheduler_type=cfg.train.schedule,
+        warmup_steps=cfg.train.warmup_steps, max_grad_norm=cfg.train.max_grad_norm,
+        weight_decay=cfg.train.weight_decay, logging_steps=10, report_to=[],
+        save_strategy="no", use_cpu=not torch.cuda.is_available(), seed=cfg.train.seed,
+        dataloader_num_workers=0, remove_unused_columns=False)
+    pad = loaded.tokenizer.pad_token_id
+    trainer = Trainer(model=model, args=args, train_dataset=data.train,
+                      data_collator=lambda batch: collate(batch, pad))
+    output = trainer.train()
+    steps = output.global_step
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.eval()
+    return model, steps / output.metrics["train_runtime"], float(trainable)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--samples", type=int, default=400)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--max-windows", type=int, default=20)
+    parser.add_argument("--task-limit", type=int, default=0,
+                        help="SQuAD v2 examples scored before/after (0: skip; ~2-5 s each)")
+    parser.add_argument("--data", default="wikitext2,squad")
+    parser.add_argument("--methods", default="lora,dense")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))))
+        return
+    pruned = str(pruned_folder(args.data_dir))
+    rows = []
+    for data in args.data.split(","):
+        for method in args.methods.split(","):
+            for loop in ("sparselab", "trainer"):
+                spec = {"loop": loop, "method": method, "data": data, "pruned": pruned,
+                        "data_dir": args.data_dir, "steps": args.steps, "samples": args.samples,
+                        "seqlen": args.seqlen, "batch": args.batch,
+                        "max_windows": args.max_windows, "task_limit": args.task_limit}
+                out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+                                     capture_output=True, text=True, cwd=REPO)
+                line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+                if line is None:
+                    sys.exit(f"{loop} {method} {data} failed:\n{out.stderr[-3000:]}")
+                rows.append(json.loads(line[7:]))
+                print(rows[-1], flush=True)
+    write(rows, args)
+
+
+def write(rows: list[dict], args) -> None:
+    lines = header("Recovery on SmolLM2-135M (50% Wanda): sparselab vs peft + Trainer")
+    lines += [f"{args.steps} optimizer steps, batch {args.batch} x {args.seqlen} tokens, "
+              f"{args.samples} examples; LoRA r=8 on q,v (lr 2e-4), dense all weights (lr 2e-5); "
+              f"perplexity on {args.max_windows} windows of 512 of the WikiText-2 test split.", "",
+              "| data | method | loop | steps/s | vs Trainer | peak RSS MB | trainable | "
+              "ppl before | ppl after | sparsity after | SQuAD F1 before → after |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ref = {(r["data"], r["method"]): r["steps_per_s"] for r in rows if r["loop"] == "trainer"}
+    for r in rows:
+        ratio = r["steps_per_s"] / ref[(r["data"], r["method"])]
+        f1 = (f"{r['f1_before']:.1f} → {r['f1_after']:.1f}" if r["f1_before"] is not None
+              else "–")
+        lines.append(f"| {r['data']} | {r['method']} | {r['loop']} | {r['steps_per_s']:.3f} | "
+                     f"{ratio:.2f} | {r['peak_rss_mb']:.0f} | {r['trainable']:.0f} | "
+                     f"{r['ppl_before']:.2f} | {r['ppl_after']:.2f} | "
+                     f"{r['sparsity_after']:.4f} | {f1} |")
+    lines += ["", "The Trainer rows are the reference (dense there has no mask, so its sparsity "
+              "drops: that is what sparselab's dense recovery prevents)."]
+    out = REPO / "benchmarks" / "results" / "recover_smollm2.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""SparseGPT: one-shot pruning with an OBS weight update (Frantar & Alistarh 2023, IST-DASLab/sparsegpt).
+
+```yaml
+prune:
+  method: sparsegpt
+  sparsity: 0.5
+  pattern: unstructured          # or "2:4", "4:8"
+  calibration: {data: wikitext2, samples: 128, seqlen: 512}
+  layer_ratios: uniform          # or owl (outlier shares from Wanda scores), or a list
+  options:
+    blocksize: 128               # columns per lazy-update block (and per mask selection)
+    percdamp: 0.01               # dampening: this share of the mean Hessian diagonal
+    per_row: false               # unstructured: pick the mask per row within each block
+    owl: {M: 5, lambda: 0.08}
+```
+
+For each linear, H = 2 X X^T / n (X: its calibration inputs, every token; n: the number of
+calibration sequences; accumulated in float32). Dead inputs (H_ii = 0) get H_ii = 1 and their
+weights are zeroed; H is damped by `percdamp` x mean(diag H); then the upper Cholesky factor U of
+H^-1 drives the column-by-column OBS update, in blocks of `blocksize` columns with the error of a
+block propagated lazily to the columns after it. The mask of a block is chosen when the block is
+reached, from w^2 / U_cc^2 (= w^2 / [H^-1]_cc of the remaining columns): the lowest `sparsity`
+share of the whole rows x blocksize block for unstructured (as the reference code does; exactly
+floor(share * size) weights), or per row with `per_row: true`; for N:M, the M - N lowest of every
+group of M, chosen when the group's first column is reached. Layers are processed in order like
+Wanda: each layer's calibration inputs are the outputs of the already pruned layers before it.
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from torch import nn
+
+from sparselab.prune.calibration import LayerwisePruning
+from sparselab.prune.owl import OwlOptions
+from sparselab.prune.patterns import Pattern, nm_mask, unstructured_mask
+
+
+class SparseGPTOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    blocksize: PositiveInt = 128
+    percdamp: float = Field(0.01, gt=0.0)
+    per_row: bool = False
+    owl: OwlOptions = OwlOptions()
+
+
+class Hessian:
+    """X X^T of a linear's inputs over every calibration token, float32."""
+
+    def __init__(self, columns: int, device: torch.device):
+        self.xtx = torch.zeros((columns, columns), dtype=torch.float32, device=device)
+        self.sequences = 0
+
+    @staticmethod
+    def increment(x: torch.Tensor) -> tuple[int, torch.Tensor]:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        return (x.shape[0] if x.dim() == 3 else 1), flat.t() @ flat
+
+    def accumulate(self, increment: tuple[int, torch.Tensor]) -> None:
+        self.sequences += increment[0]
+        self.xtx += increment[1]
+
+    def add(self, x: torch.Tensor) -> None:
+        self.accumulate(self.increment(x))
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return self.xtx * (2.0 / max(self.sequences, 1))
+
+
+@torch.no_grad()
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
+                    nm: tuple[int, int] | None = None, blocksize: int = 128,
+                    percdamp: float = 0.01, per_row: bool = False,
+                    name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Prune a (rows x columns) weight given its Hessian; return (new weight, keep-mask, error).
+
+    The new weight is float32; the error is the reference's sum of (w - q)^2 / U_cc^2 / 2.
+    """
+    W = weight.detach().float().clone()
+    rows, columns = W.shape
+    H = hessian.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    diag = torch.arange(columns, device=H.device)
+    H[diag, diag] += percdamp * torch.mean(torch.diag(H))
+    try:
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise ValueError(f"SparseGPT: the Hessian of {name} is not positive definite even after "
+                         f"dampening {percdamp}; raise options.percdamp or use more calibration "
+                         "samples.") from None
+    keep = torch.ones_like(W, dtype=torch.bool)
+    loss = torch.zeros(rows, dtype=torch.float32, device=W.device)
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        d1 = torch.diag(U1)
+        if nm is None:
+            keep1 = unstructured_mask(W1 ** 2 / d1.unsqueeze(0) ** 2, sparsity, per_row=per_row)
+        else:
+            keep1 = torch.ones_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                group = W1[:, i:i + nm[1]] ** 2 / d1[i:i + nm[1]].unsqueeze(0) ** 2
+                keep1[:, i:i + nm[1]] = nm_mask(group, *nm)
+            w = W1[:, i]
+            q = w * keep1[:, i]
+            Q1[:, i] = q
+            err = (w - q) / U1[i, i]
+            loss += err ** 2 / 2
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        keep[:, i1:i2] = keep1
+        W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
+    return W, keep, float(loss.sum())
+
+
+class SparseGPTPruning(LayerwisePruning):
+    Options = SparseGPTOptions
+    patterns = ("unstructured", "nm")
+
+    def check(self, config) -> None:
+        super().check(config)
+        options = self.options(config)
+        pattern = Pattern.parse(config.pattern)
+        if pattern.kind == "nm" and options.blocksize % pattern.args[1]:
+            raise ValueError(f"options.blocksize {options.blocksize} must be a multiple of M="
+                             f"{pattern.args[1]} of pattern '{config.pattern}'.")
+
+    def new_stat(self, linear: nn.Linear) -> Hessian:
+        return Hessian(linear.in_features, linear.weight.device)
+
+    def prune_linear(self, name: str, linear: nn.Linear, stat: Hessian, pattern: Pattern,
+                     sparsity: float, options: SparseGPTOptions) -> tuple[torch.Tensor, float]:
+        weight = linear.weight
+        nm = pattern.args if pattern.kind == "nm" else None
+        new, keep, _error = sparsegpt_prune(weight, stat.matrix, sparsity, nm=nm,
+                                            blocksize=options.blocksize,
+                                            percdamp=options.percdamp, per_row=options.per_row,
+                                            name=name)
+        weight.copy_(new.to(weight.dtype))
+        rows, columns = weight.shape
+        blocks = -(-columns // options.blocksize)
+        slack = blocks * (rows if options.per_row else 1)
+        return keep, slack
