@@ -4,7 +4,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# Tiny models gain nothing from threads, and on a busy 2-core machine spinning OpenMP threads
+# slow them down by an order of magnitude; set before torch is imported anywhere.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -12,8 +17,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Tiny models gain nothing from threads, and on a busy 2-core machine spinning OpenMP threads
-# slow them down by an order of magnitude.
 import torch  # noqa: E402
 
 torch.set_num_threads(1)

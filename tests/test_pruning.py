@@ -406,3 +406,19 @@ def test_verify_catches_violations():
     few[0, :3] = False
     with pytest.raises(PatternViolation, match="target"):
         unstructured.verify("x", w * few, few, 0.5, slack=8)
+
+
+def test_check_model_uses_the_config_before_any_weights(tiny_model_dir, tiny):
+    from transformers import AutoConfig
+    from sparselab.prune.layers import linear_modules, linear_shapes
+    model_config = AutoConfig.from_pretrained(tiny_model_dir)
+    layer = decoder_layers(tiny.model)[0]
+    assert linear_shapes(model_config) == {name: tuple(linear.weight.shape)
+                                           for name, linear in linear_modules(layer).items()}
+    for method, prune, message in [("wanda", {"pattern": "block:24x24"}, "does not divide"),
+                                   ("magnitude", {"pattern": "3:5"}, "divisible by M=5"),
+                                   ("sparsegpt", {"layer_ratios": [0.5] * 3}, "4 decoder layers"),
+                                   ("wanda", {"skip_layers": [4]}, "out of range")]:
+        with pytest.raises(ValueError, match=message):
+            PRUNING.get(method)().check_model(cell(method, **prune).prune, model_config)
+    PRUNING.get("wanda")().check_model(cell("wanda", pattern="tiers").prune, model_config)

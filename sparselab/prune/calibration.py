@@ -42,7 +42,7 @@ from sparselab.matrix import Calibration, data_components, describe_data
 from sparselab.prune.base import PruneContext, PruningMethod
 from sparselab.prune.layers import decoder_layers, linear_modules, prunable_linears
 from sparselab.prune.owl import OwlOptions, layer_sparsities, outlier_share, validate_ratios
-from sparselab.prune.patterns import Pattern
+from sparselab.prune.patterns import Pattern, check_against_model
 
 # Tokenize long corpora in pieces of about this many characters (cut after a "\n\n").
 _CHUNK_CHARS = 4_000_000
@@ -341,6 +341,11 @@ class LayerwisePruning(PruningMethod):
             raise ValueError(f"layer_ratios '{config.layer_ratios}' cannot be used with pattern "
                              f"'{config.pattern}': N:M and tiers fix the sparsity of every layer; "
                              "use unstructured or block:BxB.")
+
+    def check_model(self, config, model_config) -> None:
+        options = self.options(config)
+        check_against_model(config, Pattern.parse(config.pattern, getattr(options, "tiers", None)),
+                            model_config)
 
     def new_stat(self, linear: nn.Linear):
         raise NotImplementedError

@@ -27,6 +27,24 @@ def layer_index(name: str) -> int:
         raise ValueError(f"'{name}' is not the name of a module inside a decoder layer") from None
 
 
+def linear_shapes(model_config) -> dict[str, tuple[int, int]] | None:
+    """(out, in) of each linear of a Llama-family decoder layer, from the model config alone;
+    None when the config does not say (then shape checks wait for the weights)."""
+    try:
+        hidden, inter = model_config.hidden_size, model_config.intermediate_size
+        heads = model_config.num_attention_heads
+        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+        head_dim = getattr(model_config, "head_dim", None) or hidden // heads
+    except AttributeError:
+        return None
+    return {"self_attn.q_proj": (heads * head_dim, hidden),
+            "self_attn.k_proj": (kv_heads * head_dim, hidden),
+            "self_attn.v_proj": (kv_heads * head_dim, hidden),
+            "self_attn.o_proj": (hidden, heads * head_dim),
+            "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+            "mlp.down_proj": (hidden, inter)}
+
+
 def linear_modules(module: nn.Module) -> dict[str, nn.Linear]:
     """The linear layers of a module by name; inside a peft wrapper, the base layers under their
     original names (LoRA's own A/B matrices are not model weights)."""

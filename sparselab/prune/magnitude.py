@@ -22,7 +22,7 @@ from sparselab.models import LoadedModel
 from sparselab.prune.base import PruneContext, PruningMethod
 from sparselab.prune.layers import decoder_layers, layer_index, prunable_linears
 from sparselab.prune.owl import layer_sparsities
-from sparselab.prune.patterns import Pattern, TierOptions
+from sparselab.prune.patterns import Pattern, TierOptions, check_against_model
 
 
 class MagnitudeOptions(BaseModel):
@@ -44,6 +44,10 @@ class MagnitudePruning(PruningMethod):
                                                                                       "tiers"):
             raise ValueError(f"layer_ratios cannot be used with pattern '{config.pattern}': "
                              "N:M and tiers fix the sparsity of every layer.")
+
+    def check_model(self, config, model_config) -> None:
+        check_against_model(config, Pattern.parse(config.pattern, self.options(config).tiers),
+                            model_config)
 
     @torch.no_grad()
     def prune(self, loaded: LoadedModel, ctx: PruneContext) -> dict[str, float]:

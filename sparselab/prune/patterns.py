@@ -280,3 +280,15 @@ class Pattern:
         groups_nm = in_nm.reshape(rows, cols // m, m)[:, :, 0]
         if bool((groups_kept[groups_nm] != n).any()):
             raise PatternViolation(f"{name}: {n}:{m} does not hold inside every N:M-tier block")
+
+
+def check_against_model(config, pattern: Pattern, model_config) -> None:
+    """Validation with the model's config (no weights): the ratio list's length, skip_layers, and
+    whether the pattern tiles every linear of a decoder layer. Raises ValueError."""
+    from sparselab.prune.layers import linear_shapes
+    from sparselab.prune.owl import validate_ratios
+    layers = getattr(model_config, "num_hidden_layers", None)
+    if layers is not None:
+        validate_ratios(config, layers)
+    for name, shape in (linear_shapes(model_config) or {}).items():
+        pattern.check_shape(name, shape)
