@@ -26,6 +26,7 @@ time, and its outputs replace them in place as the next layer's inputs. Only one
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import math
@@ -347,13 +348,14 @@ class LayerwisePruning(PruningMethod):
         check_against_model(config, Pattern.parse(config.pattern, getattr(options, "tiers", None)),
                             model_config)
 
+    @abc.abstractmethod
     def new_stat(self, linear: nn.Linear):
-        raise NotImplementedError
+        """A fresh accumulator of this method's input statistics for one linear layer."""
 
+    @abc.abstractmethod
     def prune_linear(self, name: str, linear: nn.Linear, stat, pattern: Pattern,
                      sparsity: float, options) -> tuple[torch.Tensor, float]:
         """Prune one linear in place; return its keep-mask and the rounding slack (in weights)."""
-        raise NotImplementedError
 
     def prune(self, loaded, ctx: PruneContext) -> dict[str, float]:
         config = ctx.config
