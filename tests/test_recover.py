@@ -50,6 +50,8 @@ def test_lora_learns_and_leaves_the_base_bit_identical(tiny, tmp_path):
     assert losses[-1] < losses[0] - 0.5  # the repeated small set is being learned
     assert all(b < a + 0.05 for a, b in zip(losses, losses[1:]))
     assert 0 < metrics["train.trainable_share"] < 0.5
+    loaded_bytes = sum(p.numel() * p.element_size() for p in tiny.model.parameters())
+    assert metrics["train.peak_memory_mb"] * 2**20 > loaded_bytes  # the resident set holds it
     for name, param in recovered.model.get_base_model().named_parameters():
         if "lora_" in name:
             continue

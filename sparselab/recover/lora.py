@@ -48,10 +48,14 @@ class LoraRecovery(RecoveryMethod):
                              "attention, mlp, all.")
 
     def recover(self, loaded: LoadedModel, ctx: RecoverContext) -> tuple[LoadedModel, dict]:
+        import torch
         from peft import LoraConfig, get_peft_model
         lora = ctx.config.lora
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             target_modules=resolve_targets(lora.targets), task_type="CAUSAL_LM")
+        # The adapter's initial weights come from torch's global generator: seed it here, or
+        # they depend on whatever ran earlier in this process (a Ray worker differs from a loop).
+        torch.manual_seed(ctx.config.train.seed)
         model = get_peft_model(loaded.model, config)
         metrics = train(model, loaded.tokenizer, ctx)
         if lora.merge:

@@ -8,7 +8,9 @@ or inf loss stops the stage before anything is saved. Methods plug in through tw
 from __future__ import annotations
 
 import math
+import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -24,6 +26,42 @@ from sparselab.recover.prompts import Example, TrainingSet, build_training_set, 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf."""
+
+
+class PeakMemory:
+    """Peak memory while training: GPU memory allocated on CUDA, else the process's resident set
+    (sampled every 50 ms from /proc, so it covers the model, activations and optimizer state)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while True:
+            try:
+                with open("/proc/self/statm") as statm:
+                    self.peak_bytes = max(self.peak_bytes, int(statm.read().split()[1]) * page)
+            except OSError:  # not Linux: no sampling, the metric stays 0
+                return
+            if self._stop.wait(0.05):
+                return
 
 
 def autocast(precision: str):
@@ -79,31 +117,33 @@ def train(model, tokenizer, ctx: RecoverContext,
     model.train()
     start = time.perf_counter()
     tokens = 0
-    for step in range(steps):
-        losses = []
-        for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in collate(next(batches), pad_id).items()}
-            with autocast(cfg.precision):
-                loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"training loss became {loss.item()} at step {step}; nothing was saved. "
-                    f"Try a lower recover.train.lr (now {cfg.lr:g}) or recover.train.precision: "
-                    "bf16 (now " + cfg.precision + ").")
-            (loss / cfg.grad_accum).backward()
-            after_backward()
-            losses.append(loss.item())
-            tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        after_step()
-        record = {"train.loss": sum(losses) / len(losses), "train.lr": scheduler.get_last_lr()[0]}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            record["train.eval_loss"] = mean_loss(model, data.held_out, cfg.batch_size, pad_id,
-                                                  cfg.precision)
-        ctx.step_metrics.append(record)
+    with PeakMemory(device) as memory:
+        for step in range(steps):
+            losses = []
+            for _ in range(cfg.grad_accum):
+                batch = {k: v.to(device) for k, v in collate(next(batches), pad_id).items()}
+                with autocast(cfg.precision):
+                    loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"training loss became {loss.item()} at step {step}; nothing was "
+                        f"saved. Try a lower recover.train.lr (now {cfg.lr:g}) or "
+                        f"recover.train.precision: bf16 (now {cfg.precision}).")
+                (loss / cfg.grad_accum).backward()
+                after_backward()
+                losses.append(loss.item())
+                tokens += int(batch["attention_mask"].sum())
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            after_step()
+            record = {"train.loss": sum(losses) / len(losses),
+                      "train.lr": scheduler.get_last_lr()[0]}
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                record["train.eval_loss"] = mean_loss(model, data.held_out, cfg.batch_size,
+                                                      pad_id, cfg.precision)
+            ctx.step_metrics.append(record)
     elapsed = time.perf_counter() - start
     model.eval()
     eval_loss = mean_loss(model, data.held_out, cfg.batch_size, pad_id, cfg.precision)
@@ -118,7 +158,8 @@ def train(model, tokenizer, ctx: RecoverContext,
             "train.tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
             "train.steps_per_s": steps / elapsed if elapsed > 0 else 0.0,
             "train.trainable_params": float(trainable),
-            "train.trainable_share": trainable / total, "train.examples": float(len(data.train))}
+            "train.trainable_share": trainable / total, "train.examples": float(len(data.train)),
+            "train.peak_memory_mb": memory.peak_bytes / 2**20}
 
 
 def _batches(data: TrainingSet, batch_size: int, generator: random.Random):

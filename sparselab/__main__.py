@@ -1,0 +1,4 @@
+"""`python -m sparselab` is the `sparselab` command."""
+from sparselab.cli import main
+
+main()
