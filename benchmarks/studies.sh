@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Run the seed studies (#9) on SmolLM2-135M against the shared data, one after another, and write
+# each one's `sparselab report` (Markdown + plot) into docs/results/. Finished cells are skipped on
+# a rerun (the stage cache and MLflow make that cheap), so an interrupted study resumes.
+#   benchmarks/studies.sh                          # all four, data from ../shared/data
+#   DATA_DIR=/data benchmarks/studies.sh recovery block_lora
+# Wall time, the command and the machine of each invocation go to docs/results/<study>.log.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA_DIR="${DATA_DIR:-../shared/data}"
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
+studies=("$@")
+[ ${#studies[@]} -gt 0 ] || studies=(recovery block_lora gqa_structured task_specific)
+mkdir -p docs/results
+for study in "${studies[@]}"; do
+  start=$(date +%s)
+  status=0
+  sparselab run "matrix/$study.yaml" --data-dir "$DATA_DIR" || status=$?
+  {
+    echo "sparselab run matrix/$study.yaml --data-dir $DATA_DIR  # exit $status"
+    echo "finished $(date -u '+%Y-%m-%d %H:%M UTC') after $(( $(date +%s) - start )) s wall;" \
+         "$(nproc) CPU cores, OMP_NUM_THREADS=${OMP_NUM_THREADS:-default}," \
+         "load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  } >> "docs/results/$study.log.txt"
+  sparselab report "matrix/$study.yaml" --format md --output "docs/results/$study.md" \
+    --plot "docs/results/$study.png"
+done
