@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import subprocess
 import sys
@@ -88,15 +89,23 @@ def worker(spec: dict) -> dict:
     cell = CellConfig.model_validate({"model": "smollm2-135m", "data_dir": spec["data_dir"],
                                       "prune": {"method": "wanda"}, "recover": {
                                           "method": method, "data": spec["data"], "train": train}})
+    result["load_before"] = os.getloadavg()[0]
+    cpu_start = _cpu_seconds()
     if spec["loop"] == "sparselab":
         ctx = RecoverContext(cell, source, Path(tempfile.mkdtemp()), logging.getLogger("bench"))
         recovered, metrics = RECOVERY.get(method)().recover(loaded, ctx)
         model = recovered.model
         result.update(steps_per_s=metrics["train.steps_per_s"],
                       trainable=metrics["train.trainable_params"],
+                      train_peak_mb=metrics["train.peak_memory_mb"],
                       sparsity_preserved=metrics.get("recover.sparsity_preserved"))
     else:
-        model, result["steps_per_s"], result["trainable"] = trainer_loop(loaded, cell, source)
+        model, result["steps_per_s"], result["trainable"], result["train_peak_mb"] = \
+            trainer_loop(loaded, cell, source)
+    # CPU seconds of the whole recovery (data, adapter, loop), which other processes on the
+    # machine do not inflate the way they inflate wall time (one thread: OMP_NUM_THREADS=1).
+    result["cpu_steps_per_s"] = spec["steps"] / (_cpu_seconds() - cpu_start)
+    result["load_after"] = os.getloadavg()[0]
     result["ppl_after"] = ppl(model)
     result["f1_after"] = squad_f1(model)
     result["sparsity_after"] = sparsity_report(model)[1]["sparsity.linear"]
@@ -112,6 +121,7 @@ def trainer_loop(loaded, cell, source):
 
     from sparselab.recover.lora import resolve_targets
     from sparselab.recover.prompts import build_training_set, collate
+    from sparselab.recover.training import PeakMemory
     cfg = cell.recover
     data = build_training_set(loaded.tokenizer, cfg.data, source, cfg.train.samples,
                               cfg.train.seqlen, cfg.train.seed)
@@ -134,11 +144,18 @@ def trainer_loop(loaded, cell, source):
     pad = loaded.tokenizer.pad_token_id
     trainer = Trainer(model=model, args=args, train_dataset=data.train,
                       data_collator=lambda batch: collate(batch, pad))
-    output = trainer.train()
+    with PeakMemory(next(model.parameters()).device) as memory:
+        output = trainer.train()
     steps = output.global_step
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.eval()
-    return model, steps / output.metrics["train_runtime"], float(trainable)
+    return (model, steps / output.metrics["train_runtime"], float(trainable),
+            memory.peak_bytes / 2**20)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -191,17 +208,31 @@ def write(rows: list[dict], args) -> None:
     lines += [f"{args.steps} optimizer steps, batch {args.batch} x {args.seqlen} tokens, "
               f"{args.samples} examples; LoRA r=8 on q,v (lr 2e-4), dense all weights (lr 2e-5); "
               f"perplexity on {args.max_windows} windows of 512 of the WikiText-2 test split.", "",
-              "| data | method | loop | steps/s | vs Trainer | peak RSS MB | trainable | "
-              "ppl before | ppl after | sparsity after | SQuAD F1 before → after |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    ref = {(r["data"], r["method"]): r["steps_per_s"] for r in rows if r["loop"] == "trainer"}
+              "- steps/s (wall): the loop's own timing; other processes on the machine slow it "
+              "(load = 1-minute load average before / after).",
+              "- steps per CPU-s: optimizer steps over the process CPU time of the whole recovery "
+              "(data, adapter, loop; one thread), which contention does not inflate; the "
+              "vs-Trainer ratio uses it when both rows have it.",
+              "- train peak MB: resident memory sampled during training; max RSS: the whole "
+              "process (model load and perplexity included).", "",
+              "| data | method | loop | steps/s (wall) | load | steps per CPU-s | vs Trainer | "
+              "train peak MB | max RSS MB | trainable | ppl before | ppl after | sparsity after | "
+              "SQuAD F1 before → after |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = r["steps_per_s"] / ref[(r["data"], r["method"])]
+        ref = next(t for t in rows if t["loop"] == "trainer" and t["data"] == r["data"]
+                   and t["method"] == r["method"])
+        speed = "cpu_steps_per_s" if "cpu_steps_per_s" in r and "cpu_steps_per_s" in ref \
+            else "steps_per_s"
+        ratio = r[speed] / ref[speed]
         f1 = (f"{r['f1_before']:.1f} → {r['f1_after']:.1f}" if r["f1_before"] is not None
               else "–")
+        load = (f"{r['load_before']:.1f}/{r['load_after']:.1f}" if "load_before" in r else "–")
         lines.append(f"| {r['data']} | {r['method']} | {r['loop']} | {r['steps_per_s']:.3f} | "
-                     f"{ratio:.2f} | {r['peak_rss_mb']:.0f} | {r['trainable']:.0f} | "
-                     f"{r['ppl_before']:.2f} | {r['ppl_after']:.2f} | "
+                     f"{load} | {_fmt(r.get('cpu_steps_per_s'), '.3f')} | {ratio:.2f}"
+                     f"{'' if speed == 'cpu_steps_per_s' else ' (wall)'} | "
+                     f"{_fmt(r.get('train_peak_mb'), '.0f')} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['trainable']:.0f} | {r['ppl_before']:.2f} | {r['ppl_after']:.2f} | "
                      f"{r['sparsity_after']:.4f} | {f1} |")
     lines += ["", "The Trainer rows are the reference (dense there has no mask, so its sparsity "
               "drops: that is what sparselab's dense recovery prevents)."]
@@ -209,6 +240,10 @@ def write(rows: list[dict], args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":
