@@ -122,7 +122,7 @@ def plan(matrix, only, sets, data_dir) -> None:
             if stage.key not in distinct.setdefault(stage.kind, set()):
                 distinct[stage.kind].add(stage.key)
                 cached[stage.kind] += stage_status(stage, cache) != "to run"
-    for kind in ("load", "prune", "recover", "perplexity", "tasks"):
+    for kind in ("load", "prune", "recover", "perplexity", "answer_loss", "tasks"):
         if kind in distinct:
             console.print(f"{kind}: {len(distinct[kind])} distinct, {cached[kind]} cached "
                           f"or external")

@@ -166,7 +166,7 @@ class RayExecutor:
                         waiting.remove(key)
                         running[task.remote(stage, plan, home, os.getcwd())] = key
                 events.stage("running: " + "; ".join(schedule.todo[k][0].label
-                                                     for k in running.values()))
+                                                     for k in running.values()) if running else "")
                 if running:
                     ready, _ = ray.wait(list(running), num_returns=1)
                     for ref in ready:

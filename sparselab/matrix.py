@@ -178,8 +178,25 @@ class Perplexity(Strict):
     _data = field_validator("data")(classmethod(lambda cls, v: _check_dataset(v)))
 
 
+class AnswerLoss(Strict):
+    """`evaluate.answer_loss`: mean loss on the gold answers of task datasets' evaluation splits
+    (sparselab.evaluate.answer_loss), for tasks whose accuracy cannot separate the cells."""
+    data: list[str] = ["squad", "gsm8k", "boolq"]
+    limit: PositiveInt | None = 200  # the first N examples of the evaluation split; None: all
+    seqlen: PositiveInt = 512
+    batch_size: PositiveInt = 8
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, names: list[str]) -> list[str]:
+        for name in names:
+            _check_dataset(name)
+        return names
+
+
 class Evaluate(Strict):
     perplexity: Perplexity | None = Perplexity()
+    answer_loss: AnswerLoss | None = None
     tasks: list[str] = ["squadv2", "gsm8k", "boolq"]
     limit: PositiveInt | None = 200
     num_fewshot: NonNegativeInt | None = None  # None: each task's lm-eval default

@@ -28,7 +28,8 @@ from sparselab.tracking import environment_tags
 log = logging.getLogger("sparselab")
 
 TIME_METRICS = {"load": "time.load_s", "prune": "time.prune_s", "recover": "time.recover_s",
-                "perplexity": "time.perplexity_s", "tasks": "time.tasks_s"}
+                "perplexity": "time.perplexity_s", "answer_loss": "time.answer_loss_s",
+                "tasks": "time.tasks_s"}
 
 
 class StageRunner:
@@ -165,6 +166,19 @@ def compute_perplexity(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: P
                          f"{ppl.data}.ppl_tokens": result["tokens"]})
 
 
+def compute_answer_loss(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) -> None:
+    from sparselab.evaluate.answer_loss import answer_loss
+    cfg = plan.cell.config.evaluate.answer_loss
+    metrics = {}
+    for name in cfg.data:
+        dataset = DATASETS.get(name)()
+        examples = dataset.examples(plan.source, dataset.eval_split)[:cfg.limit]
+        result = answer_loss(loaded.model, loaded.tokenizer, examples, cfg.seqlen,
+                             cfg.batch_size)
+        metrics.update({f"{name}.{key}": value for key, value in result.items()})
+    _write_metrics(out, metrics)
+
+
 def compute_tasks(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) -> None:
     from sparselab.evaluate.harness import evaluate_tasks
     cfg = plan.cell.config
@@ -173,7 +187,8 @@ def compute_tasks(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) 
 
 
 COMPUTE = {"load": compute_load, "prune": compute_prune, "recover": compute_recover,
-           "perplexity": compute_perplexity, "tasks": compute_tasks}
+           "perplexity": compute_perplexity, "answer_loss": compute_answer_loss,
+           "tasks": compute_tasks}
 
 
 # --- cells -----------------------------------------------------------------------------------
@@ -198,11 +213,11 @@ def cell_metrics(plan: CellPlan, entries: dict[str, Entry]) -> dict[str, float]:
                             if ".ppl" in k and not k.startswith("time.")})
             continue
         for key, value in values.items():
-            if key in ("time.perplexity_s", "time.tasks_s"):
+            if key in ("time.perplexity_s", "time.answer_loss_s", "time.tasks_s"):
                 evaluate_s += value
             else:
                 metrics[key] = value
-    if "perplexity" in entries or "tasks" in entries:
+    if {"perplexity", "answer_loss", "tasks"} & entries.keys():
         metrics["time.evaluate_s"] = evaluate_s
     return metrics
 

@@ -1,6 +1,6 @@
 """The stage chain of a cell and the keys that let cells share work.
 
-    load -> prune -> perplexity(pruned) -> recover -> perplexity -> tasks
+    load -> prune -> perplexity(pruned) -> recover -> perplexity, answer_loss, tasks
 
 Each stage's key hashes its parent's key, its own config and where its data comes from, so cells
 that agree up to a stage share that stage (baseline, exp1 and exp3 of the guide prune once).
@@ -18,7 +18,8 @@ from sparselab.models import model_source
 from sparselab.registry import PRUNING
 
 # Bump a stage's version when its computation changes, so old cache entries are not reused.
-STAGE_VERSIONS = {"load": 1, "prune": 1, "recover": 2, "perplexity": 1, "tasks": 1}
+STAGE_VERSIONS = {"load": 1, "prune": 1, "recover": 2, "perplexity": 1, "answer_loss": 1,
+                  "tasks": 1}
 MODEL_STAGES = ("load", "prune", "recover")
 
 
@@ -54,6 +55,7 @@ class CellPlan:
     ppl_pruned: Stage | None
     ppl: Stage | None
     tasks: Stage | None
+    answer_loss: Stage | None = None
 
     def roles(self) -> list[tuple[str, Stage]]:
         """Every stage this cell needs, in order, with the role it plays."""
@@ -62,8 +64,9 @@ class CellPlan:
             out.append((stage.kind, stage))
             if stage.kind == "prune" and self.ppl_pruned is not None:
                 out.append(("perplexity_pruned", self.ppl_pruned))  # while it is in memory
-        out += [(role, stage) for role, stage in (("perplexity", self.ppl), ("tasks", self.tasks))
-                if stage is not None]
+        out += [(role, stage) for role, stage in (("perplexity", self.ppl),
+                                                  ("answer_loss", self.answer_loss),
+                                                  ("tasks", self.tasks)) if stage is not None]
         return out
 
 
@@ -95,11 +98,16 @@ def plan_cell(cell: Cell, source: DataSource) -> CellPlan:
         ppl = _stage("perplexity", ppl_cfg, model, source.label, label)
         if pruned is not None:
             ppl_pruned = _stage("perplexity", ppl_cfg, pruned, source.label, label + " (pruned)")
+    answer = None
+    if ev.answer_loss is not None:
+        answer = _stage("answer_loss", ev.answer_loss.model_dump(mode="json"), model,
+                        source.label, f"answer loss {','.join(ev.answer_loss.data)} "
+                                      f"limit={ev.answer_loss.limit}")
     if ev.tasks:
-        tasks_cfg = ev.model_dump(mode="json", exclude={"perplexity"})
+        tasks_cfg = ev.model_dump(mode="json", exclude={"perplexity", "answer_loss"})
         tasks = _stage("tasks", tasks_cfg, model, source.label,
                        f"tasks {','.join(ev.tasks)} limit={ev.limit}")
-    return CellPlan(cell, source, model, ppl_pruned, ppl, tasks)
+    return CellPlan(cell, source, model, ppl_pruned, ppl, tasks, answer)
 
 
 def _data(ref: Any) -> str:

@@ -68,6 +68,14 @@ def _check_cell(cell: Cell) -> None:
             raise UserError(f"perplexity needs a plain-text dataset (wikitext2, c4), not "
                             f"'{dataset.name}'.", key="evaluate.perplexity.data")
         _require(dataset, source, dataset.eval_split, "evaluate.perplexity.data")
+    if cfg.evaluate.answer_loss is not None:
+        for name in cfg.evaluate.answer_loss.data:
+            dataset = DATASETS.get(name)()
+            if not isinstance(dataset, TaskDataset):
+                raise UserError(f"answer_loss scores the answers of task data (squad, gsm8k, "
+                                f"boolq), not the plain text '{name}' (that is "
+                                "evaluate.perplexity).", key="evaluate.answer_loss.data")
+            _require(dataset, source, dataset.eval_split, "evaluate.answer_loss.data")
     if cfg.evaluate.tasks:
         from sparselab.evaluate.tasks import check_tasks
         _as_user_error(lambda: check_tasks(cfg, source), "evaluate.tasks")
@@ -82,6 +90,8 @@ def _seqlens(cell: Cell) -> dict[str, int]:
         out["recover.train.seqlen"] = cfg.recover.train.seqlen
     if cfg.evaluate.perplexity is not None:
         out["evaluate.perplexity.seqlen"] = cfg.evaluate.perplexity.seqlen
+    if cfg.evaluate.answer_loss is not None:
+        out["evaluate.answer_loss.seqlen"] = cfg.evaluate.answer_loss.seqlen
     return out
 
 

@@ -1,0 +1,47 @@
+"""Answer loss: the mean next-token loss on the gold answers of a task's evaluation split.
+
+A graded score where a small model's accuracy sits at zero (GSM8K on SmolLM2-135M): exact match
+cannot tell two pruned models apart, the likelihood they give the worked solution can. Each example
+is rendered 0-shot exactly as recovery fine-tunes on it (the harness's prompt, answer + eos; see
+`recover.prompts.task_example`), scored on the answer tokens only; the score is the mean over
+examples of each example's mean loss per answer token, with its standard error, so the report's
+noise rule applies. Lower is better.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparselab.recover.prompts import IGNORE, collate, task_example
+
+
+@torch.no_grad()
+def answer_loss(model, tokenizer, examples: list[tuple[str, str]], seqlen: int,
+                batch_size: int = 8) -> dict[str, float]:
+    """`examples` are (prompt, answer) pairs; returns mean, stderr, examples and answer tokens."""
+    if not examples:
+        raise ValueError("no evaluation examples to score")
+    rendered = [task_example(tokenizer, prompt, answer, seqlen) for prompt, answer in examples]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+        else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    per_example: list[float] = []
+    tokens = 0
+    for start in range(0, len(rendered), batch_size):
+        batch = {k: v.to(device) for k, v in
+                 collate(rendered[start:start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels,
+                                                 ignore_index=IGNORE, reduction="none")
+        counts = (labels != IGNORE).sum(dim=1)
+        per_example += (loss.sum(dim=1) / counts.clamp(min=1)).tolist()
+        tokens += int(counts.sum())
+    n = len(per_example)
+    mean = sum(per_example) / n
+    stderr = (math.sqrt(sum((x - mean) ** 2 for x in per_example) / (n - 1) / n)
+              if n > 1 else float("nan"))
+    return {"answer_nll": mean, "answer_nll_stderr": stderr, "answer_examples": float(n),
+            "answer_tokens": float(tokens)}
