@@ -16,8 +16,10 @@ from __future__ import annotations
 import io
 import logging
 import os
+import signal
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,22 @@ log = logging.getLogger("sparselab")
 # Environment a Ray worker needs to see what the driver sees (offline mode, data folder, device).
 FORWARDED_ENV = ("SPARSELAB_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_NUM_THREADS",
                  "MKL_NUM_THREADS")
+
+
+@contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """While running, SIGTERM (a scheduler or `kill` stopping the job) and SIGINT, even when the
+    shell started us in the background with SIGINT ignored, interrupt like Ctrl-C: the open runs
+    are marked KILLED and no partial stage is cached. Ray installs its own SIGTERM handler (a bare
+    exit) when it connects, so the Ray executor enters this after connecting."""
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -51,10 +69,11 @@ class LocalExecutor:
     def run(self, cells: list[CellRun], events: Events) -> list[CellOutcome]:
         runner = StageRunner(self.cache, on_stage=events.stage)
         outcomes = []
-        for cell in cells:
-            events.cell_started(cell.plan.cell.name)
-            outcomes.append(cell.execute(runner))
-            events.cell_done(outcomes[-1])
+        with interrupt_on_signals():
+            for cell in cells:
+                events.cell_started(cell.plan.cell.name)
+                outcomes.append(cell.execute(runner))
+                events.cell_done(outcomes[-1])
         return outcomes
 
 
@@ -131,7 +150,8 @@ class RayExecutor:
         ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env}, ignore_reinit_error=True)
         try:
-            return self._run(ray, cells, events, home)
+            with interrupt_on_signals():
+                return self._run(ray, cells, events, home)
         finally:
             ray.shutdown()
 

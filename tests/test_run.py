@@ -174,3 +174,31 @@ def test_every_shipped_matrix_validates_and_plans(workspace, matrix):
     for command in ("validate", "plan"):
         result = CliRunner().invoke(main, [command, str(path), "--data-dir", "builtin"])
         assert result.exit_code == 0, (matrix, result.output)
+
+
+def test_sigterm_marks_run_killed_and_leaves_no_partial_entry(workspace):
+    """A scheduler's SIGTERM (or a background job's SIGINT) stops a run like Ctrl-C."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "sparselab", "run", str(SMOKE), "--only",
+                             "baseline", "--set", "recover.train.max_steps=2000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not list((workspace / "home" / "tmp").glob(
+            "recover-*/owner.json")):
+        time.sleep(0.1)
+    owner = next((workspace / "home" / "tmp").glob("recover-*/owner.json"))
+    assert json.loads(owner.read_text())["pid"] == proc.pid
+    os.kill(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output[-2000:]
+    _, parents, children = _runs(workspace)
+    assert {r.data.tags["sparselab.cell"]: r.info.status for r in children} == {
+        "dense": "FINISHED", "baseline": "KILLED"}
+    assert parents[0].info.status == "KILLED"
+    assert not list((workspace / "home" / "stages").glob("recover/*"))
+    assert not any((workspace / "home" / "tmp").iterdir())
