@@ -4,6 +4,7 @@
 # a rerun (the stage cache and MLflow make that cheap), so an interrupted study resumes.
 #   benchmarks/studies.sh                          # all four, data from ../shared/data
 #   DATA_DIR=/data benchmarks/studies.sh recovery block_lora
+#   RUN_OPTIONS="--executor ray --max-concurrent 2" benchmarks/studies.sh   # cells side by side
 # Wall time, the command and the machine of each invocation go to docs/results/<study>.log.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,9 +16,10 @@ mkdir -p docs/results
 for study in "${studies[@]}"; do
   start=$(date +%s)
   status=0
-  sparselab run "matrix/$study.yaml" --data-dir "$DATA_DIR" || status=$?
+  # shellcheck disable=SC2086  # RUN_OPTIONS is a list of options
+  sparselab run "matrix/$study.yaml" --data-dir "$DATA_DIR" ${RUN_OPTIONS:-} || status=$?
   {
-    echo "sparselab run matrix/$study.yaml --data-dir $DATA_DIR  # exit $status"
+    echo "sparselab run matrix/$study.yaml --data-dir $DATA_DIR ${RUN_OPTIONS:-} # exit $status"
     echo "finished $(date -u '+%Y-%m-%d %H:%M UTC') after $(( $(date +%s) - start )) s wall;" \
          "$(nproc) CPU cores, OMP_NUM_THREADS=${OMP_NUM_THREADS:-default}," \
          "load average $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -3,7 +3,8 @@
 AdamW with warmup and a schedule, gradient accumulation, gradient clipping, fp32 or bf16 autocast,
 a held-out loss at the end (and every `eval_every` steps if asked), and a divergence guard: a NaN
 or inf loss stops the stage before anything is saved. Methods plug in through two hooks
-(`after_backward`, `after_step`); dense recovery uses them to keep pruned weights at zero.
+(`before_step`: the step's gradients are accumulated, not yet clipped; `after_step`); dense
+recovery uses them to keep pruned weights at zero.
 """
 from __future__ import annotations
 
@@ -74,6 +75,8 @@ def autocast(precision: str):
 @torch.no_grad()
 def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int,
               precision: str) -> float:
+    """Mean loss per target token; the model computes each batch's mean, weighted here by its
+    count of target tokens."""
     device = next(model.parameters()).device
     total = count = 0.0
     was_training = model.training
@@ -81,21 +84,17 @@ def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int,
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in
                  collate(examples[start:start + batch_size], pad_id).items()}
-        with autocast(precision):
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 labels.reshape(-1), ignore_index=-100,
-                                                 reduction="sum")
-        total += loss.item()
-        count += int((labels != -100).sum())
+        targets = int((batch["labels"][:, 1:] != -100).sum())
+        if targets:
+            with autocast(precision):
+                total += model(**batch).loss.item() * targets
+            count += targets
     model.train(was_training)
     return total / max(count, 1)
 
 
 def train(model, tokenizer, ctx: RecoverContext,
-          after_backward: Callable[[], None] = lambda: None,
+          before_step: Callable[[], None] = lambda: None,
           after_step: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Fine-tune the trainable parameters of `model` in place; return the training metrics."""
     cfg: Train = ctx.config.train
@@ -107,10 +106,12 @@ def train(model, tokenizer, ctx: RecoverContext,
     params = [p for p in model.parameters() if p.requires_grad]
     micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     steps = cfg.max_steps or math.ceil(micro_per_epoch * cfg.epochs / cfg.grad_accum)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    device = next(model.parameters()).device
+    # The fused kernel (transformers.Trainer's default too) updates each tensor in one pass.
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=steps)
-    device = next(model.parameters()).device
     generator = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     batches = _batches(data, cfg.batch_size, generator)
@@ -130,9 +131,9 @@ def train(model, tokenizer, ctx: RecoverContext,
                         f"saved. Try a lower recover.train.lr (now {cfg.lr:g}) or "
                         f"recover.train.precision: bf16 (now {cfg.precision}).")
                 (loss / cfg.grad_accum).backward()
-                after_backward()
                 losses.append(loss.item())
                 tokens += int(batch["attention_mask"].sum())
+            before_step()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
