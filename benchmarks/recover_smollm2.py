@@ -48,6 +48,8 @@ def pruned_folder(data_dir: str) -> Path:
 
 # Finished configurations (one JSON line each): an interrupted benchmark resumes where it stopped.
 ROWS = REPO / ".sparselab" / "bench" / "recover_rows.jsonl"
+# The pruned model's scores, the same for every configuration: measured once.
+BEFORE = REPO / ".sparselab" / "bench" / "recover_before.json"
 
 
 def worker(spec: dict) -> dict:
@@ -69,19 +71,31 @@ def worker(spec: dict) -> dict:
     def ppl(model):
         return perplexity(model, loaded.tokenizer, text, 512, 4, spec["max_windows"])["ppl"]
 
-    def squad_f1(model):
-        if not spec["task_limit"] or spec["data"] != "squad" or spec["loop"] != "sparselab":
-            return None
+    scored = bool(spec["task_limit"]) and spec["data"] == "squad" and spec["loop"] == "sparselab"
+
+    def squad(model) -> dict:
+        """SQuAD v2 F1 overall and on the answerable / unanswerable questions (percent)."""
         from sparselab.evaluate.harness import evaluate_tasks
+        from sparselab.models import LoadedModel
         cell = CellConfig.model_validate({"model": "smollm2-135m", "data_dir": spec["data_dir"],
                                           "evaluate": {"tasks": ["squadv2"],
                                                        "limit": spec["task_limit"]}})
-        from sparselab.models import LoadedModel
-        return evaluate_tasks(LoadedModel(model, loaded.tokenizer), cell, source,
-                              Path(tempfile.mkdtemp()))["squadv2.f1"]
+        metrics = evaluate_tasks(LoadedModel(model, loaded.tokenizer), cell, source,
+                                 Path(tempfile.mkdtemp()))
+        return {m: metrics.get(f"squadv2.{m}") for m in ("f1", "HasAns_f1", "NoAns_f1")}
 
-    result = {**{k: spec[k] for k in ("loop", "method", "data")},
-              "ppl_before": ppl(loaded.model), "f1_before": squad_f1(loaded.model)}
+    result = {k: spec[k] for k in ("loop", "method", "data")}
+    before = json.loads(BEFORE.read_text()) if BEFORE.is_file() else {}
+    pruned = before.setdefault(json.dumps([spec["pruned"], spec["max_windows"],
+                                           spec["task_limit"]]), {})
+    if "ppl" not in pruned:
+        pruned["ppl"] = ppl(loaded.model)
+    if scored and "squad" not in pruned:
+        pruned["squad"] = squad(loaded.model)
+    BEFORE.parent.mkdir(parents=True, exist_ok=True)
+    BEFORE.write_text(json.dumps(before))
+    result["ppl_before"] = pruned["ppl"]
+    result["squad_before"] = pruned["squad"] if scored else None
     method = spec["method"]
     train = {"samples": spec["samples"], "max_steps": spec["steps"], "seqlen": spec["seqlen"],
              "batch_size": spec["batch"], "grad_accum": 1, "lr": 2e-4 if method == "lora" else 2e-5,
@@ -96,25 +110,27 @@ def worker(spec: dict) -> dict:
         recovered, metrics = RECOVERY.get(method)().recover(loaded, ctx)
         model = recovered.model
         result.update(steps_per_s=metrics["train.steps_per_s"],
+                      eval_loss=metrics["train.eval_loss"],
                       trainable=metrics["train.trainable_params"],
                       train_peak_mb=metrics["train.peak_memory_mb"],
                       sparsity_preserved=metrics.get("recover.sparsity_preserved"))
     else:
-        model, result["steps_per_s"], result["trainable"], result["train_peak_mb"] = \
-            trainer_loop(loaded, cell, source)
-    # CPU seconds of the whole recovery (data, adapter, loop), which other processes on the
-    # machine do not inflate the way they inflate wall time (one thread: OMP_NUM_THREADS=1).
+        model, result["steps_per_s"], result["trainable"], result["train_peak_mb"], \
+            result["eval_loss"] = trainer_loop(loaded, cell, source)
+    # CPU seconds of the whole recovery (data, adapter, loop, held-out loss), which other
+    # processes do not inflate the way they inflate wall time (one thread: OMP_NUM_THREADS=1).
     result["cpu_steps_per_s"] = spec["steps"] / (_cpu_seconds() - cpu_start)
     result["load_after"] = os.getloadavg()[0]
     result["ppl_after"] = ppl(model)
-    result["f1_after"] = squad_f1(model)
+    result["squad_after"] = squad(model) if scored else None
     result["sparsity_after"] = sparsity_report(model)[1]["sparsity.linear"]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
 
 def trainer_loop(loaded, cell, source):
-    """The plain reference: peft (for LoRA) + transformers.Trainer on the same examples."""
+    """The plain reference: peft (for LoRA) + transformers.Trainer on the same examples, with the
+    held-out loss at the end that sparselab's recovery computes too (the same work on both sides)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
@@ -135,6 +151,7 @@ def trainer_loop(loaded, cell, source):
             param.requires_grad_(True)
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=cfg.train.batch_size,
+        per_device_eval_batch_size=cfg.train.batch_size,
         gradient_accumulation_steps=cfg.train.grad_accum, max_steps=cfg.train.max_steps,
         learning_rate=cfg.train.lr, lr_scheduler_type=cfg.train.schedule,
         warmup_steps=cfg.train.warmup_steps, max_grad_norm=cfg.train.max_grad_norm,
@@ -146,11 +163,12 @@ def trainer_loop(loaded, cell, source):
                       data_collator=lambda batch: collate(batch, pad))
     with PeakMemory(next(model.parameters()).device) as memory:
         output = trainer.train()
+    eval_loss = trainer.evaluate(eval_dataset=data.held_out)["eval_loss"]
     steps = output.global_step
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.eval()
     return (model, steps / output.metrics["train_runtime"], float(trainable),
-            memory.peak_bytes / 2**20)
+            memory.peak_bytes / 2**20, eval_loss)
 
 
 def _cpu_seconds() -> float:
@@ -211,28 +229,28 @@ def write(rows: list[dict], args) -> None:
               "- steps/s (wall): the loop's own timing; other processes on the machine slow it "
               "(load = 1-minute load average before / after).",
               "- steps per CPU-s: optimizer steps over the process CPU time of the whole recovery "
-              "(data, adapter, loop; one thread), which contention does not inflate; the "
-              "vs-Trainer ratio uses it when both rows have it.",
+              "(data, adapter, loop and the held-out loss at the end, the same work on both "
+              "sides; one thread), which contention does not inflate; the vs-Trainer ratio "
+              "uses it.",
               "- train peak MB: resident memory sampled during training; max RSS: the whole "
               "process (model load and perplexity included).", "",
               "| data | method | loop | steps/s (wall) | load | steps per CPU-s | vs Trainer | "
-              "train peak MB | max RSS MB | trainable | ppl before | ppl after | sparsity after | "
-              "SQuAD F1 before → after |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "train peak MB | max RSS MB | trainable | held-out loss | ppl before | ppl after | "
+              "sparsity after | "
+              "SQuAD v2 F1 before → after | HasAns F1 | NoAns F1 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = next(t for t in rows if t["loop"] == "trainer" and t["data"] == r["data"]
                    and t["method"] == r["method"])
-        speed = "cpu_steps_per_s" if "cpu_steps_per_s" in r and "cpu_steps_per_s" in ref \
-            else "steps_per_s"
-        ratio = r[speed] / ref[speed]
-        f1 = (f"{r['f1_before']:.1f} → {r['f1_after']:.1f}" if r["f1_before"] is not None
-              else "–")
-        load = (f"{r['load_before']:.1f}/{r['load_after']:.1f}" if "load_before" in r else "–")
+        ratio = r["cpu_steps_per_s"] / ref["cpu_steps_per_s"]
+        f1 = " | ".join(f"{r['squad_before'][m]:.1f} → {r['squad_after'][m]:.1f}"
+                        if r["squad_before"] else "–" for m in ("f1", "HasAns_f1", "NoAns_f1"))
         lines.append(f"| {r['data']} | {r['method']} | {r['loop']} | {r['steps_per_s']:.3f} | "
-                     f"{load} | {_fmt(r.get('cpu_steps_per_s'), '.3f')} | {ratio:.2f}"
-                     f"{'' if speed == 'cpu_steps_per_s' else ' (wall)'} | "
-                     f"{_fmt(r.get('train_peak_mb'), '.0f')} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['trainable']:.0f} | {r['ppl_before']:.2f} | {r['ppl_after']:.2f} | "
+                     f"{r['load_before']:.1f}/{r['load_after']:.1f} | "
+                     f"{r['cpu_steps_per_s']:.3f} | {ratio:.2f} | "
+                     f"{r['train_peak_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['trainable']:.0f} | {r['eval_loss']:.3f} | {r['ppl_before']:.2f} | "
+                     f"{r['ppl_after']:.2f} | "
                      f"{r['sparsity_after']:.4f} | {f1} |")
     lines += ["", "The Trainer rows are the reference (dense there has no mask, so its sparsity "
               "drops: that is what sparselab's dense recovery prevents)."]
@@ -240,10 +258,6 @@ def write(rows: list[dict], args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":

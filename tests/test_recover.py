@@ -73,7 +73,8 @@ def test_dense_keeps_pruned_weights_at_zero(tiny, tmp_path, pattern):
     zeros = {n: (l.weight == 0).clone() for n, l in prunable_linears(tiny.model).items()}
     before = {n: l.weight.detach().clone() for n, l in prunable_linears(tiny.model).items()}
     ctx = _ctx(tmp_path, method="dense", data="wikitext2",
-               train={**TRAIN, "max_steps": 5, "weight_decay": 0.1, "lr": 1e-3})
+               train={**TRAIN, "max_steps": 5, "weight_decay": 0.1, "lr": 1e-3,
+                      "batch_size": 2, "grad_accum": 2})  # masked once per accumulated step
     recovered, metrics = DenseRecovery().recover(tiny, ctx)
     assert metrics["recover.sparsity_preserved"] == 1.0
     changed = 0
@@ -82,6 +83,28 @@ def test_dense_keeps_pruned_weights_at_zero(tiny, tmp_path, pattern):
         assert torch.equal(linear.weight == 0, zeros[name]), name  # same sparsity, exactly
         changed += not torch.equal(linear.weight, before[name])
     assert changed == len(zeros)  # the remaining weights did train
+
+
+def test_held_out_loss_is_the_mean_over_answer_tokens(tiny):
+    from sparselab.recover.training import mean_loss
+    tok = tiny.tokenizer
+    examples = [task_example(tok, "Question: what is two and two?\nAnswer:", " 4", seqlen=64),
+                task_example(tok, "A much longer question about many things?\nAnswer:",
+                             " the longer answer here", seqlen=64),
+                task_example(tok, "Short?\nAnswer:", " no", seqlen=64)]
+    total = count = 0.0
+    for example in examples:  # one at a time, no padding: the plain definition
+        ids = torch.tensor([example.input_ids])
+        labels = torch.tensor(example.labels[1:])
+        logits = tiny.model(input_ids=ids).logits[0, :-1]
+        keep = labels != IGNORE
+        total += torch.nn.functional.cross_entropy(logits[keep], labels[keep],
+                                                   reduction="sum").item()
+        count += int(keep.sum())
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    # batches of 2 and 1: padding, and batch means weighted by their answer tokens
+    assert mean_loss(tiny.model, examples, 2, pad, "fp32") == pytest.approx(total / count,
+                                                                           rel=1e-5)
 
 
 def test_answer_only_loss_masking(tiny):
