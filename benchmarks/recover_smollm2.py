@@ -48,8 +48,6 @@ def pruned_folder(data_dir: str) -> Path:
 
 # Finished configurations (one JSON line each): an interrupted benchmark resumes where it stopped.
 ROWS = REPO / ".sparselab" / "bench" / "recover_rows.jsonl"
-# The pruned model's scores, the same for every configuration: measured once.
-BEFORE = REPO / ".sparselab" / "bench" / "recover_before.json"
 
 
 def worker(spec: dict) -> dict:
@@ -71,7 +69,8 @@ def worker(spec: dict) -> dict:
     def ppl(model):
         return perplexity(model, loaded.tokenizer, text, 512, 4, spec["max_windows"])["ppl"]
 
-    scored = bool(spec["task_limit"]) and spec["data"] == "squad" and spec["loop"] == "sparselab"
+    # SQuAD is scored for the pruned model ("before") and after sparselab's SQuAD recoveries
+    scored = bool(spec["task_limit"]) and spec["data"] == "squad" and spec["loop"] != "trainer"
 
     def squad(model) -> dict:
         """SQuAD v2 F1 overall and on the answerable / unanswerable questions (percent)."""
@@ -84,18 +83,9 @@ def worker(spec: dict) -> dict:
                                  Path(tempfile.mkdtemp()))
         return {m: metrics.get(f"squadv2.{m}") for m in ("f1", "HasAns_f1", "NoAns_f1")}
 
+    if spec["loop"] == "before":  # the pruned model's scores, in a process of their own
+        return {"ppl": ppl(loaded.model), "squad": squad(loaded.model) if scored else None}
     result = {k: spec[k] for k in ("loop", "method", "data")}
-    before = json.loads(BEFORE.read_text()) if BEFORE.is_file() else {}
-    pruned = before.setdefault(json.dumps([spec["pruned"], spec["max_windows"],
-                                           spec["task_limit"]]), {})
-    if "ppl" not in pruned:
-        pruned["ppl"] = ppl(loaded.model)
-    if scored and "squad" not in pruned:
-        pruned["squad"] = squad(loaded.model)
-    BEFORE.parent.mkdir(parents=True, exist_ok=True)
-    BEFORE.write_text(json.dumps(before))
-    result["ppl_before"] = pruned["ppl"]
-    result["squad_before"] = pruned["squad"] if scored else None
     method = spec["method"]
     train = {"samples": spec["samples"], "max_steps": spec["steps"], "seqlen": spec["seqlen"],
              "batch_size": spec["batch"], "grad_accum": 1, "lr": 2e-4 if method == "lora" else 2e-5,
@@ -196,28 +186,35 @@ def main() -> None:
     pruned = str(pruned_folder(args.data_dir))
     done = ROWS.read_text().splitlines() if ROWS.is_file() else []
     finished = {json.dumps(row["spec"], sort_keys=True): row for row in map(json.loads, done)}
+
+    def measure(**spec) -> dict:
+        """One configuration in its own process, measured once and then kept in ROWS."""
+        spec.update(pruned=pruned, data_dir=args.data_dir, steps=args.steps,
+                    samples=args.samples, seqlen=args.seqlen, batch=args.batch,
+                    max_windows=args.max_windows, task_limit=args.task_limit)
+        row = finished.get(json.dumps(spec, sort_keys=True))
+        if row is None:
+            out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+                                 capture_output=True, text=True, cwd=REPO)
+            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{spec['loop']} {spec['method']} {spec['data']} failed:\n"
+                         f"{out.stderr[-3000:]}")
+            row = {"spec": spec, **json.loads(line[7:])}
+            ROWS.parent.mkdir(parents=True, exist_ok=True)
+            with ROWS.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        print(row, flush=True)
+        return row
+
     rows = []
     for data in args.data.split(","):
+        before = measure(loop="before", method="none", data=data)
         for method in args.methods.split(","):
             for loop in ("sparselab", "trainer"):
-                spec = {"loop": loop, "method": method, "data": data, "pruned": pruned,
-                        "data_dir": args.data_dir, "steps": args.steps, "samples": args.samples,
-                        "seqlen": args.seqlen, "batch": args.batch,
-                        "max_windows": args.max_windows, "task_limit": args.task_limit}
-                row = finished.get(json.dumps(spec, sort_keys=True))
-                if row is None:  # each configuration is measured once, then kept in ROWS
-                    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                                         capture_output=True, text=True, cwd=REPO)
-                    line = next((l for l in out.stdout.splitlines()
-                                 if l.startswith("RESULT ")), None)
-                    if line is None:
-                        sys.exit(f"{loop} {method} {data} failed:\n{out.stderr[-3000:]}")
-                    row = {"spec": spec, **json.loads(line[7:])}
-                    ROWS.parent.mkdir(parents=True, exist_ok=True)
-                    with ROWS.open("a") as handle:
-                        handle.write(json.dumps(row) + "\n")
-                rows.append(row)
-                print(rows[-1], flush=True)
+                row = measure(loop=loop, method=method, data=data)
+                rows.append({**row, "ppl_before": before["ppl"],
+                             "squad_before": before["squad"] if row["squad_after"] else None})
     write(rows, args)
 
 
