@@ -87,7 +87,7 @@ def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int,
         targets = int((batch["labels"][:, 1:] != -100).sum())
         if targets:
             with autocast(precision):
-                total += model(**batch).loss.item() * targets
+                total += model(**batch, use_cache=False).loss.item() * targets
             count += targets
     model.train(was_training)
     return total / max(count, 1)
@@ -123,8 +123,8 @@ def train(model, tokenizer, ctx: RecoverContext,
             losses = []
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(device) for k, v in collate(next(batches), pad_id).items()}
-                with autocast(cfg.precision):
-                    loss = model(**batch).loss
+                with autocast(cfg.precision):  # no KV cache: nothing is generated
+                    loss = model(**batch, use_cache=False).loss
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"training loss became {loss.item()} at step {step}; nothing was "
