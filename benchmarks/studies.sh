@@ -21,7 +21,7 @@ for study in "${studies[@]}"; do
   {
     echo "sparselab run matrix/$study.yaml --data-dir $DATA_DIR ${RUN_OPTIONS:-} # exit $status"
     echo "finished $(date -u '+%Y-%m-%d %H:%M UTC') after $(( $(date +%s) - start )) s wall;" \
-         "$(nproc) CPU cores, OMP_NUM_THREADS=${OMP_NUM_THREADS:-default}," \
+         "$(getconf _NPROCESSORS_ONLN) CPU cores, OMP_NUM_THREADS=${OMP_NUM_THREADS:-default}," \
          "load average $(cut -d' ' -f1-3 /proc/loadavg)"
   } >> "docs/results/$study.log.txt"
   sparselab report "matrix/$study.yaml" --format md --output "docs/results/$study.md" \

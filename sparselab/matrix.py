@@ -298,6 +298,11 @@ class Matrix(Strict):
 DENSE = "dense"
 
 
+def is_dense_reference(cell: str) -> bool:
+    """`dense`, or `dense[i]` when a matrix has several models; not a cell such as `dense_ft`."""
+    return cell == DENSE or re.fullmatch(rf"{DENSE}\[\d+\]", cell) is not None
+
+
 class Cell(BaseModel):
     """A named, resolved cell of the matrix."""
     model_config = ConfigDict(frozen=True)

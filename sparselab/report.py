@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sparselab.errors import UserError, unknown_name
-from sparselab.matrix import DENSE
+from sparselab.matrix import is_dense_reference
 
 ARROWS = {"up": "↑", "down": "↓", "same": "≈"}
 IGNORED_PARAMS = ("seed", "prune.calibration.seed", "recover.train.seed", "evaluate.seed")
@@ -130,7 +130,7 @@ def collect(client, experiment: str, cells: list[str] | None = None,
         by_name = {r.cell: r for r in rows}
         rows = [by_name.get(name, Row(name, "NOT RUN", None)) for name in cells]
         rows += [r for r in by_name.values() if r.cell not in cells and all_runs]
-    rows.sort(key=lambda r: (not r.cell.startswith(DENSE),))
+    rows.sort(key=lambda r: (not is_dense_reference(r.cell),))
     return rows
 
 
@@ -141,7 +141,7 @@ def _row(run) -> Row:
 
 def differing_keys(rows: list[Row]) -> list[str]:
     """Config keys whose values differ between the (non-dense) cells that ran."""
-    ran = [r for r in rows if r.params and not r.cell.startswith(DENSE)]
+    ran = [r for r in rows if r.params and not is_dense_reference(r.cell)]
     keys = sorted({k for r in ran for k in r.params})
     return [k for k in keys if k not in IGNORED_PARAMS
             and len({r.params.get(k) for r in ran}) > 1]
@@ -161,7 +161,7 @@ def build(rows: list[Row], title: str, metrics: list[str], baseline: str | None,
         raise UserError(f"report.baseline '{baseline}' is not a cell of {title}; cells: "
                         f"{', '.join(names)}.", key="report.baseline")
     if where:
-        rows = [r for r in rows if r.cell == baseline or r.cell.startswith(DENSE)
+        rows = [r for r in rows if r.cell == baseline or is_dense_reference(r.cell)
                 or all(r.params.get(k) == v for k, v in where.items())]
     report = Report(title, rows, differing_keys(rows), metrics, baseline, [])
     for cell, expectations in (expect or {}).items():
@@ -207,7 +207,7 @@ def table_rows(report: Report) -> tuple[list[str], list[list[str]]]:
         header += [metric, "Δ"]
     body = []
     for row in report.rows:
-        dense = row.cell.startswith(DENSE)  # unpruned: the cells' settings do not apply
+        dense = is_dense_reference(row.cell)  # unpruned: the cells' settings do not apply
         line = [row.cell] + ["" if dense else row.params.get(k, "") for k in report.keys]
         for metric in report.metrics:
             line += list(cells_text(report, row, metric))
@@ -289,7 +289,7 @@ def to_rich(report: Report):
 
 def pivot(report: Report, rows_key: str, cols_key: str, metric: str) -> tuple[list[str], list[list[str]]]:
     """A two-way table of one metric (e.g. calibration data × fine-tuning data)."""
-    ran = [r for r in report.rows if r.params and not r.cell.startswith(DENSE)]
+    ran = [r for r in report.rows if r.params and not is_dense_reference(r.cell)]
     for key in (rows_key, cols_key):
         if not any(key in r.params for r in ran):
             valid = sorted({k for r in ran for k in r.params})
@@ -318,7 +318,7 @@ def plot(report: Report, file: Path) -> None:
         values = [r.value(metric) or 0.0 for r in cells]
         errors = [r.stderr(metric) or 0.0 for r in cells]
         ax.bar(range(len(cells)), values, yerr=errors, capsize=3,
-               color=["#999999" if r.cell.startswith(DENSE) else "#4c72b0" for r in cells])
+               color=["#999999" if is_dense_reference(r.cell) else "#4c72b0" for r in cells])
         ax.set_xticks(range(len(cells)))
         ax.set_xticklabels([r.cell for r in cells], rotation=60, ha="right", fontsize=7)
         ax.set_title(metric, fontsize=9)

@@ -165,3 +165,14 @@ def test_bad_report_requests(store, workspace):
     result = _report(other)
     assert result.exit_code == 2 and "no runs of 'never_ran'" in result.output
     assert "sparselab run" in result.output
+
+
+def test_a_cell_named_like_the_reference_is_a_cell():
+    from sparselab.matrix import is_dense_reference
+    from sparselab.report import Row, differing_keys
+    assert is_dense_reference("dense") and is_dense_reference("dense[1]")
+    assert not is_dense_reference("dense_ft") and not is_dense_reference("densely")
+    rows = [Row("dense", "FINISHED", "r0", {"recover.method": "none"}),
+            Row("lora", "FINISHED", "r1", {"recover.method": "lora"}),
+            Row("dense_ft", "FINISHED", "r2", {"recover.method": "dense"})]
+    assert differing_keys(rows) == ["recover.method"]  # dense_ft's setting counts
