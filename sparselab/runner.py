@@ -162,8 +162,10 @@ def compute_perplexity(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: P
     text = dataset.text(plan.source, dataset.eval_split)
     result = perplexity(loaded.model, loaded.tokenizer, text, ppl.seqlen, ppl.batch_size,
                         ppl.max_windows)
-    _write_metrics(out, {f"{ppl.data}.ppl": result["ppl"],
-                         f"{ppl.data}.ppl_tokens": result["tokens"]})
+    metrics = {f"{ppl.data}.ppl": result["ppl"], f"{ppl.data}.ppl_tokens": result["tokens"]}
+    if "ppl_stderr" in result:  # one window has no spread
+        metrics[f"{ppl.data}.ppl_stderr"] = result["ppl_stderr"]
+    _write_metrics(out, metrics)
 
 
 def compute_answer_loss(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) -> None:

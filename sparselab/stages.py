@@ -18,7 +18,7 @@ from sparselab.models import model_source
 from sparselab.registry import PRUNING
 
 # Bump a stage's version when its computation changes, so old cache entries are not reused.
-STAGE_VERSIONS = {"load": 1, "prune": 1, "recover": 2, "perplexity": 1, "answer_loss": 1,
+STAGE_VERSIONS = {"load": 1, "prune": 1, "recover": 2, "perplexity": 2, "answer_loss": 1,
                   "tasks": 1}
 MODEL_STAGES = ("load", "prune", "recover")
 

@@ -2,7 +2,8 @@
 
 The convention of the Wanda and SparseGPT papers: join the test split with "\\n\\n", tokenize once,
 cut into `seqlen` windows (the ragged tail is dropped), average the next-token loss over every
-predicted token, exponentiate.
+predicted token, exponentiate. The standard error comes from the spread of the windows' mean losses
+(se of the mean loss, times ppl: the delta method), so a report can tell a change from noise.
 """
 from __future__ import annotations
 
@@ -23,13 +24,16 @@ def perplexity(model, tokenizer, text: str, seqlen: int, batch_size: int = 4,
                          f"of seqlen {seqlen}")
     ids = ids[: windows * seqlen].view(windows, seqlen)
     device = next(model.parameters()).device
-    nll_sum = 0.0
+    window_nll = []  # mean next-token loss of each window
     for start in range(0, windows, batch_size):
         batch = ids[start:start + batch_size].to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        nll_sum += loss.item()
-    tokens = windows * (seqlen - 1)
-    return {"ppl": math.exp(nll_sum / tokens), "tokens": float(tokens),
-            "windows": float(windows)}
+            logits.transpose(1, 2), batch[:, 1:], reduction="none")
+        window_nll += loss.mean(dim=1).tolist()
+    nll = torch.tensor(window_nll, dtype=torch.float64)
+    ppl = math.exp(nll.mean().item())
+    result = {"ppl": ppl, "tokens": float(windows * (seqlen - 1)), "windows": float(windows)}
+    if windows > 1:
+        result["ppl_stderr"] = ppl * nll.std().item() / math.sqrt(windows)
+    return result
