@@ -107,6 +107,37 @@ def test_held_out_loss_is_the_mean_over_answer_tokens(tiny):
                                                                            rel=1e-5)
 
 
+def test_answer_only_loss_through_the_scored_positions_alone(tiny):
+    from sparselab.recover.prompts import collate
+    from sparselab.recover.training import ScoredLoss
+    tok = tiny.tokenizer
+    batch = collate([task_example(tok, "Question: what is two and two?\nAnswer:", " 4", 64),
+                     task_example(tok, "Why?\nAnswer:", " because it is", 64)], tok.eos_token_id)
+
+    def loss_and_grads(loss_fn):
+        tiny.model.zero_grad()
+        loss = loss_fn(tiny.model, batch)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in tiny.model.parameters()]
+
+    scored = ScoredLoss(tiny.model)
+    assert scored.selective
+    expected, grads = loss_and_grads(lambda model, b: model(**b).loss)
+    loss, selective_grads = loss_and_grads(scored)
+    assert scored.selective and loss == pytest.approx(expected, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, selective_grads))
+    # a model that ignores the boolean mask (an older transformers): the usual path, same loss
+    forward = tiny.model.forward
+    tiny.model.forward = lambda logits_to_keep=0, **kwargs: forward(**kwargs)
+    try:
+        fallback = ScoredLoss(tiny.model)
+        assert fallback(tiny.model, batch).item() == pytest.approx(expected, rel=1e-5)
+        assert not fallback.selective
+    finally:
+        del tiny.model.forward
+    tiny.model.zero_grad()
+
+
 def test_answer_only_loss_masking(tiny):
     tok = tiny.tokenizer
     example = task_example(tok, "Question: what is two and two?\nAnswer:", " 4", seqlen=64)

@@ -8,6 +8,7 @@ recovery uses them to keep pruned weights at zero.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import random
@@ -72,12 +73,36 @@ def autocast(precision: str):
     return nullcontext()
 
 
+class ScoredLoss:
+    """Mean next-token loss over the scored tokens (labels other than -100), as the model's own
+    loss computes it. Where a batch leaves positions unscored (task examples: only the answer is
+    scored), only the scored positions go through the LM head and the softmax — transformers'
+    `logits_to_keep` with a boolean mask — which saves most of their cost on a large vocabulary.
+    Packed text, where every position is scored, takes the usual path."""
+
+    def __init__(self, model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.selective = "logits_to_keep" in inspect.signature(base.forward).parameters
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        targets = batch["labels"][:, 1:]
+        scored = targets != -100
+        if self.selective and not scored.all():
+            keep = torch.nn.functional.pad(scored, (0, 1), value=False)  # the last predicts nothing
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False, logits_to_keep=keep).logits
+            if logits.dim() == 2 and logits.shape[0] == int(scored.sum()):
+                return torch.nn.functional.cross_entropy(logits.float(), targets[scored])
+            self.selective = False  # a transformers without boolean masks: the usual path
+        return model(**batch, use_cache=False).loss
+
+
 @torch.no_grad()
 def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int,
               precision: str) -> float:
-    """Mean loss per target token; the model computes each batch's mean, weighted here by its
-    count of target tokens."""
+    """Mean loss per target token: each batch's mean, weighted by its count of target tokens."""
     device = next(model.parameters()).device
+    loss_of = ScoredLoss(model)
     total = count = 0.0
     was_training = model.training
     model.eval()
@@ -87,7 +112,7 @@ def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int,
         targets = int((batch["labels"][:, 1:] != -100).sum())
         if targets:
             with autocast(precision):
-                total += model(**batch, use_cache=False).loss.item() * targets
+                total += loss_of(model, batch).item() * targets
             count += targets
     model.train(was_training)
     return total / max(count, 1)
@@ -115,6 +140,7 @@ def train(model, tokenizer, ctx: RecoverContext,
     generator = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     batches = _batches(data, cfg.batch_size, generator)
+    loss_of = ScoredLoss(model)
     model.train()
     start = time.perf_counter()
     tokens = 0
@@ -123,8 +149,8 @@ def train(model, tokenizer, ctx: RecoverContext,
             losses = []
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(device) for k, v in collate(next(batches), pad_id).items()}
-                with autocast(cfg.precision):  # no KV cache: nothing is generated
-                    loss = model(**batch, use_cache=False).loss
+                with autocast(cfg.precision):
+                    loss = loss_of(model, batch)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"training loss became {loss.item()} at step {step}; nothing was "
