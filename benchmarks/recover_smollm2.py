@@ -251,7 +251,10 @@ def write(rows: list[dict], args) -> None:
     lines = header("Recovery on SmolLM2-135M (50% Wanda): sparselab vs peft + Trainer")
     lines += [f"{args.steps} optimizer steps, batch {args.batch} x {args.seqlen} tokens, "
               f"{args.samples} examples; LoRA r=8 on q,v (lr 2e-4), dense all weights (lr 2e-5); "
-              f"perplexity on {args.max_windows} windows of 512 of the WikiText-2 test split.", "",
+              f"perplexity on {args.max_windows} windows of 512 of the WikiText-2 test split; "
+              f"SQuAD v2 on its first {args.task_limit} validation questions. A step of dense "
+              "fine-tuning costs ~15 CPU-seconds here, so the steps are a few dozen, not the few "
+              "hundred a GPU would run: enough to time the loops and to see the scores move.", "",
               "- steps/s (wall): the loop's own timing; other processes on the machine slow it "
               "(load = 1-minute load average before / after).",
               "- CPU-s per step: the median, over the run's steps, of the thread's CPU time "
