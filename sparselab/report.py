@@ -143,7 +143,8 @@ def differing_keys(rows: list[Row]) -> list[str]:
     """Config keys whose values differ between the (non-dense) cells that ran."""
     ran = [r for r in rows if r.params and not is_dense_reference(r.cell)]
     keys = sorted({k for r in ran for k in r.params})
-    return [k for k in keys if k not in IGNORED_PARAMS
+    nested = {k for k in keys if any(other.startswith(k + ".") for other in keys)}
+    return [k for k in keys if k not in IGNORED_PARAMS and k not in nested  # `{}` beside its keys
             and len({r.params.get(k) for r in ran}) > 1]
 
 

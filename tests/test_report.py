@@ -176,3 +176,6 @@ def test_a_cell_named_like_the_reference_is_a_cell():
             Row("lora", "FINISHED", "r1", {"recover.method": "lora"}),
             Row("dense_ft", "FINISHED", "r2", {"recover.method": "dense"})]
     assert differing_keys(rows) == ["recover.method"]  # dense_ft's setting counts
+    rows[1].params["prune.options"] = "{}"  # an empty option dict beside one with keys
+    rows[2].params["prune.options.tiers.block"] = "16"
+    assert differing_keys(rows) == ["prune.options.tiers.block", "recover.method"]
