@@ -216,11 +216,13 @@ def main() -> None:
     done = ROWS.read_text().splitlines() if ROWS.is_file() else []
     finished = {json.dumps(row["spec"], sort_keys=True): row for row in map(json.loads, done)}
 
-    def measure(**spec) -> dict:
-        """One configuration in its own process, measured once and then kept in ROWS."""
-        spec.update(pruned=pruned, data_dir=args.data_dir, steps=args.steps,
+    settings = dict(pruned=pruned, data_dir=args.data_dir, steps=args.steps,
                     samples=args.samples, seqlen=args.seqlen, batch=args.batch,
                     max_windows=args.max_windows, task_limit=args.task_limit)
+
+    def measure(**spec) -> dict:
+        """One configuration in its own process, measured once and then kept in ROWS."""
+        spec.update(settings)
         row = finished.get(json.dumps(spec, sort_keys=True))
         if row is None:
             out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
@@ -233,18 +235,25 @@ def main() -> None:
             ROWS.parent.mkdir(parents=True, exist_ok=True)
             with ROWS.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
+            finished[json.dumps(spec, sort_keys=True)] = row
         print(row, flush=True)
         return row
 
-    rows = []
     for data in args.data.split(","):
-        before = measure(loop="before", method="none", data=data)
+        measure(loop="before", method="none", data=data)
         for method in args.methods.split(","):
             for loop in ("sparselab", "trainer"):
-                row = measure(loop=loop, method=method, data=data)
-                rows.append({**row, "ppl_before": before["ppl"],
-                             "squad_before": before["squad"] if row["squad_after"] else None})
-    write(rows, args)
+                measure(loop=loop, method=method, data=data)
+    # the table: every configuration measured with these settings, this run's and earlier ones
+    same = [row for row in finished.values()
+            if all(row["spec"][k] == v for k, v in settings.items())]
+    before = {row["spec"]["data"]: row for row in same if row["spec"]["loop"] == "before"}
+    order = {"wikitext2": 0, "squad": 1, "lora": 0, "dense": 1, "sparselab": 0, "trainer": 1}
+    rows = sorted((row for row in same if row["spec"]["loop"] != "before"),
+                  key=lambda r: [order.get(r[k], 2) for k in ("data", "method", "loop")])
+    write([{**row, "ppl_before": before[row["data"]]["ppl"],
+            "squad_before": before[row["data"]]["squad"] if row["squad_after"] else None}
+           for row in rows], args)
 
 
 def write(rows: list[dict], args) -> None:
@@ -273,14 +282,14 @@ def write(rows: list[dict], args) -> None:
               "SQuAD v2 F1 before → after | HasAns F1 | NoAns F1 |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ref = next(t for t in rows if t["loop"] == "trainer" and t["data"] == r["data"]
-                   and t["method"] == r["method"])
-        ratio = ref["step_cpu_s"] / r["step_cpu_s"]
+        ref = next((t for t in rows if t["loop"] == "trainer" and t["data"] == r["data"]
+                    and t["method"] == r["method"]), None)
+        ratio = f"{ref['step_cpu_s'] / r['step_cpu_s']:.2f}" if ref else "–"
         f1 = " | ".join(f"{r['squad_before'][m]:.1f} → {r['squad_after'][m]:.1f}"
                         if r["squad_before"] else "–" for m in ("f1", "HasAns_f1", "NoAns_f1"))
         lines.append(f"| {r['data']} | {r['method']} | {r['loop']} | {r['steps_per_s']:.3f} | "
                      f"{r['load_before']:.1f}/{r['load_after']:.1f} | "
-                     f"{r['step_cpu_s']:.2f} | {ratio:.2f} | {r['cpu_steps_per_s']:.3f} | "
+                     f"{r['step_cpu_s']:.2f} | {ratio} | {r['cpu_steps_per_s']:.3f} | "
                      f"{r['train_peak_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['trainable']:.0f} | {r['eval_loss']:.3f} | {r['ppl_before']:.2f} | "
                      f"{r['ppl_after']:.2f} | "
