@@ -294,7 +294,13 @@ def write(rows: list[dict], args) -> None:
               "- steps per CPU-s (whole): steps over the CPU time of the whole recovery (data, "
               "adapter, loop and the held-out loss at the end, the same work on both sides).",
               "- train peak MB: resident memory sampled during training; max RSS: the whole "
-              "process (model load and perplexity included).", "",
+              "process (model load and perplexity included).",
+              "- held-out loss: sparselab's is the mean over every target token; Trainer's "
+              "evaluate averages the batches' means. Equal on packed text, not on SQuAD, whose "
+              "answers differ in length.",
+              "- The table holds every configuration measured with these settings (kept in "
+              ".sparselab/bench/recover_rows.jsonl), also by earlier invocations that chose "
+              "other --data / --methods.", "",
               "| data | method | loop | steps/s (wall) | load | CPU-s per step | speed vs Trainer | "
               "steps per CPU-s (whole) | "
               "train peak MB | max RSS MB | trainable | held-out loss | ppl before | ppl after | "
