@@ -38,6 +38,15 @@ class Row:
     def stderr(self, metric: str) -> float | None:
         return self.metrics.get(metric + "_stderr") if self.status == "FINISHED" else None
 
+    def setting(self, key: str) -> str:
+        """The cell's value of a config key; a key logged only as sub-keys (a data mix logs
+        `prune.calibration.data.mix`) reads as those, so every cell has a value in its column."""
+        if key in self.params:
+            return self.params[key]
+        prefix = key + "."
+        return ", ".join(f"{k[len(prefix):]}={v}" for k, v in sorted(self.params.items())
+                         if k.startswith(prefix))
+
 
 @dataclass
 class Change:
@@ -140,12 +149,19 @@ def _row(run) -> Row:
 
 
 def differing_keys(rows: list[Row]) -> list[str]:
-    """Config keys whose values differ between the (non-dense) cells that ran."""
+    """Config keys whose values differ between the (non-dense) cells that ran.
+
+    A key with a value in some cell takes its sub-keys from the others into its column
+    (`prune.calibration.data`: wikitext2 | mix={...}); an empty dict (`{}`) gives its column
+    to the sub-keys beside it."""
     ran = [r for r in rows if r.params and not is_dense_reference(r.cell)]
     keys = sorted({k for r in ran for k in r.params})
-    nested = {k for k in keys if any(other.startswith(k + ".") for other in keys)}
-    return [k for k in keys if k not in IGNORED_PARAMS and k not in nested  # `{}` beside its keys
-            and len({r.params.get(k) for r in ran}) > 1]
+    valued = {k for k in keys if any(r.params.get(k, "{}") != "{}" for r in ran)}
+    parents = {k for k in keys if any(other.startswith(k + ".") for other in keys)}
+    columns = [k for k in keys if k not in IGNORED_PARAMS
+               and not (k in parents and k not in valued)
+               and not any(k.startswith(parent + ".") for parent in parents & valued)]
+    return [k for k in columns if len({r.setting(k) for r in ran}) > 1]
 
 
 def build(rows: list[Row], title: str, metrics: list[str], baseline: str | None,
@@ -163,7 +179,7 @@ def build(rows: list[Row], title: str, metrics: list[str], baseline: str | None,
                         f"{', '.join(names)}.", key="report.baseline")
     if where:
         rows = [r for r in rows if r.cell == baseline or is_dense_reference(r.cell)
-                or all(r.params.get(k) == v for k, v in where.items())]
+                or all(r.setting(k) == v for k, v in where.items())]
     report = Report(title, rows, differing_keys(rows), metrics, baseline, [])
     for cell, expectations in (expect or {}).items():
         for metric, expected in expectations.items():
@@ -209,7 +225,7 @@ def table_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     body = []
     for row in report.rows:
         dense = is_dense_reference(row.cell)  # unpruned: the cells' settings do not apply
-        line = [row.cell] + ["" if dense else row.params.get(k, "") for k in report.keys]
+        line = [row.cell] + ["" if dense else row.setting(k) for k in report.keys]
         for metric in report.metrics:
             line += list(cells_text(report, row, metric))
         body.append(line)
@@ -247,7 +263,7 @@ def to_json(report: Report) -> str:
     rows = []
     for row in report.rows:
         entry = {"cell": row.cell, "status": row.status, "run_id": row.run_id,
-                 "config": {k: row.params.get(k) for k in report.keys}, "metrics": {}}
+                 "config": {k: row.setting(k) for k in report.keys}, "metrics": {}}
         for metric in report.metrics:
             change = report.change(row, metric)
             entry["metrics"][metric] = {
@@ -292,18 +308,17 @@ def pivot(report: Report, rows_key: str, cols_key: str, metric: str) -> tuple[li
     """A two-way table of one metric (e.g. calibration data × fine-tuning data)."""
     ran = [r for r in report.rows if r.params and not is_dense_reference(r.cell)]
     for key in (rows_key, cols_key):
-        if not any(key in r.params for r in ran):
+        if not any(r.setting(key) for r in ran):
             valid = sorted({k for r in ran for k in r.params})
             raise UserError("--pivot: " + unknown_name("config key", key, valid))
-    row_values = sorted({r.params.get(rows_key, "") for r in ran})
-    col_values = sorted({r.params.get(cols_key, "") for r in ran})
+    row_values = sorted({r.setting(rows_key) for r in ran})
+    col_values = sorted({r.setting(cols_key) for r in ran})
     header = [f"{rows_key} \\ {cols_key}", *col_values]
     body = []
     for rv in row_values:
         line = [rv]
         for cv in col_values:
-            match = [r for r in ran if r.params.get(rows_key, "") == rv
-                     and r.params.get(cols_key, "") == cv]
+            match = [r for r in ran if r.setting(rows_key) == rv and r.setting(cols_key) == cv]
             line.append(" / ".join(cells_text(report, r, metric)[0] for r in match))
         body.append(line)
     return header, body

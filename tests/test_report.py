@@ -179,3 +179,20 @@ def test_a_cell_named_like_the_reference_is_a_cell():
     rows[1].params["prune.options"] = "{}"  # an empty option dict beside one with keys
     rows[2].params["prune.options.tiers.block"] = "16"
     assert differing_keys(rows) == ["prune.options.tiers.block", "recover.method"]
+
+
+def test_a_data_mix_shares_the_data_column():
+    """A mixed-calibration cell logs `prune.calibration.data.mix`; its column stays the data's."""
+    from sparselab.report import Row, build, pivot
+    rows = [Row("base", "FINISHED", "r0", {"prune.calibration.data": "wikitext2"}, {"m": 1.0}),
+            Row("squad", "FINISHED", "r1", {"prune.calibration.data": "squad"}, {"m": 2.0}),
+            Row("mixed", "FINISHED", "r2",
+                {"prune.calibration.data.mix": '{"squad": 0.5, "wikitext2": 0.5}'}, {"m": 3.0})]
+    report = build(rows, "t", ["m"], "base", where=None)
+    assert report.keys == ["prune.calibration.data"]
+    mix = 'mix={"squad": 0.5, "wikitext2": 0.5}'
+    assert [r.setting("prune.calibration.data") for r in rows] == ["wikitext2", "squad", mix]
+    header, body = pivot(report, "prune.calibration.data", "prune.calibration.data", "m")
+    assert [line[0] for line in body] == sorted(["wikitext2", "squad", mix])
+    only_mix = build(rows, "t", ["m"], "base", where={"prune.calibration.data": mix})
+    assert [r.cell for r in only_mix.rows] == ["base", "mixed"]
