@@ -30,8 +30,8 @@ experiments:
 """
 
 
-def _direct(model, tokenizer, prompt: str, answer: str) -> float:
-    """Mean loss per answer token, computed one example at a time without padding."""
+def _direct(model, tokenizer, prompt: str, answer: str) -> list[float]:
+    """Loss of each answer token and then the closing eos, one example at a time, no padding."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     answer_ids = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -39,8 +39,12 @@ def _direct(model, tokenizer, prompt: str, answer: str) -> float:
     with torch.no_grad():
         logprobs = model(input_ids=ids).logits[0].float().log_softmax(-1)
     first = len(bos) + len(prompt_ids)
-    return -sum(logprobs[i - 1, ids[0, i]].item() for i in range(first, ids.shape[1])) \
-        / len(answer_ids)
+    return [-logprobs[i - 1, ids[0, i]].item() for i in range(first, ids.shape[1])]
+
+
+def _mean_and_stderr(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1) / len(values))
 
 
 def test_answer_loss_matches_a_direct_computation(tiny):
@@ -48,11 +52,15 @@ def test_answer_loss_matches_a_direct_computation(tiny):
     examples = gsm8k.examples(resolve_data_dir("builtin"), gsm8k.eval_split)[:3]
     result = answer_loss(tiny.model, tiny.tokenizer, examples, seqlen=256, batch_size=2)
     direct = [_direct(tiny.model, tiny.tokenizer, p, a) for p, a in examples]
-    assert result["answer_nll"] == pytest.approx(sum(direct) / 3, rel=1e-4)
-    mean = sum(direct) / 3
-    stderr = math.sqrt(sum((x - mean) ** 2 for x in direct) / 2 / 3)
-    assert result["answer_nll_stderr"] == pytest.approx(stderr, rel=1e-3)
+    expected = {"answer_nll": [sum(d) / len(d) for d in direct],
+                "answer_text_nll": [sum(d[:-1]) / len(d[:-1]) for d in direct],
+                "answer_eos_nll": [d[-1] for d in direct]}
+    for name, values in expected.items():
+        mean, stderr = _mean_and_stderr(values)
+        assert result[name] == pytest.approx(mean, rel=1e-4), name
+        assert result[name + "_stderr"] == pytest.approx(stderr, rel=1e-3), name
     assert result["answer_examples"] == 3
+    assert result["answer_tokens"] == sum(len(d) for d in direct)
 
 
 def test_answer_loss_stage_logs_metrics_and_keeps_other_keys(workspace):

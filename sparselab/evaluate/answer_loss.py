@@ -6,6 +6,11 @@ is rendered 0-shot exactly as recovery fine-tunes on it (the harness's prompt, a
 `recover.prompts.task_example`), scored on the answer tokens only; the score is the mean over
 examples of each example's mean loss per answer token, with its standard error, so the report's
 noise rule applies. Lower is better.
+
+The closing eos is part of the answer (fine-tuning teaches the model to stop), so the score also
+rewards a model that has learned to stop after a short answer: for BoolQ (" yes" + eos) that eos
+is half the tokens. `answer_text_nll` (the answer without its eos) and `answer_eos_nll` (the eos
+alone) separate knowing the answer from knowing the format.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ def answer_loss(model, tokenizer, examples: list[tuple[str, str]], seqlen: int,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    per_example: list[float] = []
+    losses: dict[str, list[float]] = {"answer": [], "answer_text": [], "answer_eos": []}
     tokens = 0
     for start in range(0, len(rendered), batch_size):
         batch = {k: v.to(device) for k, v in
@@ -36,12 +41,26 @@ def answer_loss(model, tokenizer, examples: list[tuple[str, str]], seqlen: int,
         labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels,
                                                  ignore_index=IGNORE, reduction="none")
-        counts = (labels != IGNORE).sum(dim=1)
-        per_example += (loss.sum(dim=1) / counts.clamp(min=1)).tolist()
-        tokens += int(counts.sum())
-    n = len(per_example)
-    mean = sum(per_example) / n
-    stderr = (math.sqrt(sum((x - mean) ** 2 for x in per_example) / (n - 1) / n)
+        scored = labels != IGNORE
+        positions = torch.arange(labels.shape[1], device=labels.device)
+        last = (scored * positions).argmax(dim=1, keepdim=True)  # the closing eos, if kept
+        eos = (positions == last) & (labels == tokenizer.eos_token_id) & scored
+        text = scored & ~eos
+        for name, mask in (("answer", scored), ("answer_text", text), ("answer_eos", eos)):
+            counts = mask.sum(dim=1)
+            means = (loss * mask).sum(dim=1) / counts.clamp(min=1)
+            losses[name] += [m for m, c in zip(means.tolist(), counts.tolist()) if c > 0]
+        tokens += int(scored.sum())
+    result = {"answer_examples": float(len(losses["answer"])), "answer_tokens": float(tokens)}
+    for name, values in losses.items():
+        if values:
+            result.update(_mean_and_stderr(name + "_nll", values))
+    return result
+
+
+def _mean_and_stderr(name: str, values: list[float]) -> dict[str, float]:
+    n = len(values)
+    mean = sum(values) / n
+    stderr = (math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1) / n)
               if n > 1 else float("nan"))
-    return {"answer_nll": mean, "answer_nll_stderr": stderr, "answer_examples": float(n),
-            "answer_tokens": float(tokens)}
+    return {name: mean, name + "_stderr": stderr}
