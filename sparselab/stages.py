@@ -17,8 +17,9 @@ from sparselab.matrix import Cell, config_hash
 from sparselab.models import model_source
 from sparselab.registry import PRUNING
 
-# Bump a stage's version when its computation changes, so old cache entries are not reused.
-STAGE_VERSIONS = {"load": 1, "prune": 1, "recover": 2, "perplexity": 2, "answer_loss": 1,
+# Bump a stage's version when its computation or its outputs change, so old cache entries are
+# not reused (answer_loss 2: the answer text and its eos scored apart).
+STAGE_VERSIONS = {"load": 1, "prune": 1, "recover": 2, "perplexity": 2, "answer_loss": 2,
                   "tasks": 1}
 MODEL_STAGES = ("load", "prune", "recover")
 
