@@ -21,6 +21,7 @@ from sparselab.errors import UserError, unknown_name
 from sparselab.matrix import is_dense_reference
 
 ARROWS = {"up": "↑", "down": "↓", "same": "≈"}
+PLOT_COLUMNS = 4
 IGNORED_PARAMS = ("seed", "prune.calibration.seed", "recover.train.seed", "evaluate.seed")
 
 
@@ -325,12 +326,17 @@ def pivot(report: Report, rows_key: str, cols_key: str, metric: str) -> tuple[li
 
 
 def plot(report: Report, file: Path) -> None:
-    """Grouped bars: one group per metric, one bar per cell, stderr as error bars."""
+    """One panel per metric (at most PLOT_COLUMNS to a row), one bar per cell, stderr as error
+    bars."""
     from sparselab.plots import plt
     cells = [r for r in report.rows if r.status == "FINISHED"]
-    fig, axes = plt.subplots(1, len(report.metrics), figsize=(3.2 * len(report.metrics), 3.8),
+    columns = min(len(report.metrics), PLOT_COLUMNS)
+    rows = math.ceil(len(report.metrics) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows + 0.4),
                              squeeze=False)
-    for ax, metric in zip(axes[0], report.metrics):
+    for ax in axes.flat[len(report.metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, report.metrics):
         values = [r.value(metric) or 0.0 for r in cells]
         errors = [r.stderr(metric) or 0.0 for r in cells]
         ax.bar(range(len(cells)), values, yerr=errors, capsize=3,

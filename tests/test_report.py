@@ -140,6 +140,21 @@ def test_markdown_csv_html_and_plot(store, workspace):
     assert {"report/report.md", "report/report.png"} <= logged
 
 
+def test_plot_wraps_its_panels_into_rows(workspace):
+    """Twelve metrics make three rows of four panels, not one strip too wide to read."""
+    import struct
+
+    from sparselab.report import PLOT_COLUMNS, Row, build, plot
+    metrics = [f"m{i}" for i in range(12)]
+    rows = [Row(cell, "FINISHED", cell, {"x": cell}, {m: 1.0 + i for i, m in enumerate(metrics)})
+            for cell in ("a", "b")]
+    file = workspace / "wide.png"
+    plot(build(rows, "t", metrics, "a"), file)
+    width, height = struct.unpack(">II", file.read_bytes()[16:24])  # the PNG IHDR
+    assert PLOT_COLUMNS == 4
+    assert (width, height) == (1408, 1166)  # 4 x 3.2 in wide, 3 x 3.4 + 0.4 in high, at 110 dpi
+
+
 def test_pivot_and_where(store):
     _, _, path = store
     result = _report(path, "--pivot", "rows=prune.calibration.data cols=recover.data value=squadv2.f1")
