@@ -20,14 +20,14 @@ from common import REPO, header
 
 def main() -> None:
     from sparselab.cache import StageCache
-    from sparselab.cli import _prepare
+    from sparselab.cli import prepare_plans
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("matrix")
     parser.add_argument("--data-dir", default="../shared/data")
     args = parser.parse_args()
 
-    mf, plans = _prepare(args.matrix, None, (), args.data_dir)
+    mf, plans = prepare_plans(args.matrix, None, (), args.data_dir)
     cache = StageCache()
     lines = header(f"BoolQ answers: yes-rate against accuracy, {mf.matrix.name}")
     lines += ["| cell | examples | answers yes | accuracy | always-yes accuracy |",

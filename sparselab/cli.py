@@ -46,7 +46,7 @@ def main(verbose: bool) -> None:
         logging.getLogger("sparselab").addHandler(RichHandler(console=console, show_path=False))
 
 
-def _prepare(matrix: str, only: str | None, sets: tuple[str, ...], data_dir: str | None):
+def prepare_plans(matrix: str, only: str | None, sets: tuple[str, ...], data_dir: str | None):
     """Matrix file -> validated cells (dense reference first) and their stage plans."""
     from sparselab.matrix import DENSE, dense_reference, expand, load_matrix, parse_set
     from sparselab.stages import plan_cell
@@ -87,7 +87,7 @@ _data_dir = click.option("--data-dir", help="Folder laid out like ../shared/data
 def validate(matrices, sets, data_dir) -> None:
     """Check matrix files (schema, names, ranges, data files) without loading a model."""
     for matrix in matrices:
-        mf, plans = _prepare(matrix, None, sets, data_dir)
+        mf, plans = prepare_plans(matrix, None, sets, data_dir)
         console.print(f"[green]ok[/] {matrix}: {len(plans) - 1} cells + dense reference")
 
 
@@ -100,7 +100,7 @@ def plan(matrix, only, sets, data_dir) -> None:
     """List the cells, the stages each needs, which are shared and which are cached."""
     from sparselab.cache import StageCache
     from sparselab.stages import stage_status
-    mf, plans = _prepare(matrix, only, sets, data_dir)
+    mf, plans = prepare_plans(matrix, only, sets, data_dir)
     cache = StageCache()
     users = Counter(stage.key for p in plans for _, stage in p.roles())
     table = Table(title=f"{mf.matrix.name}: {len(plans) - 1} cells + dense reference")
@@ -160,7 +160,7 @@ def run(matrix, only, sets, data_dir, rerun, executor, address, cpus_per_cell, g
         used = ", ".join(k for k, v in ray_only.items() if v is not None)
         raise UserError(f"{used}: only with --executor ray (the local executor runs one cell "
                         "at a time in this process).", key="--executor")
-    mf, plans = _prepare(matrix, only, sets, data_dir)
+    mf, plans = prepare_plans(matrix, only, sets, data_dir)
     cache = StageCache()
     runner = (RayExecutor(cache, address, cpus_per_cell, gpus_per_cell, max_concurrent, retries)
               if executor == "ray" else LocalExecutor(cache))
@@ -266,7 +266,7 @@ def cache_gc(keep_matrices, data_dir) -> None:
     keep = None
     if keep_matrices:
         keep = {stage.key for matrix in keep_matrices
-                for p in _prepare(matrix, None, (), data_dir)[1] for _, stage in p.roles()}
+                for p in prepare_plans(matrix, None, (), data_dir)[1] for _, stage in p.roles()}
     from sparselab.stages import STAGE_VERSIONS
     removed = StageCache().gc(keep, kinds=set(STAGE_VERSIONS))
     console.print(f"removed {len(removed)} folder(s)")
