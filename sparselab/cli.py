@@ -304,6 +304,7 @@ def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, whe
         raise UserError("give a MATRIX file or --experiment NAME.")
     cells = expect = None
     baseline = None
+    spec = ReportSpec()
     chosen: list[str] = []
     explicit = False
     if matrix:
@@ -312,6 +313,7 @@ def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, whe
         cells = [DENSE] + [c.name for c in expand(mf)]
         expect = mf.matrix.expect
         baseline = mf.matrix.report.baseline
+        spec = mf.matrix.report
         chosen = list(mf.matrix.report.metrics)
         explicit = "metrics" in mf.matrix.report.model_fields_set
     client = rep._client()
@@ -324,7 +326,8 @@ def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, whe
         chosen, explicit = [m.strip() for m in metrics.split(",") if m.strip()], True
     if not explicit:  # the default columns: those this store has
         chosen = [m for m in (chosen or ReportSpec().metrics) if m in available]
-    result = rep.build(rows, experiment, chosen, baseline, expect, _pairs(where, "--where"))
+    rep.load_examples(client, rows)
+    result = rep.build(rows, experiment, chosen, baseline, expect, _pairs(where, "--where"), spec)
     if pivot_spec:
         spec = _pairs(pivot_spec.split(), "--pivot")
         if set(spec) != {"rows", "cols", "value"}:
@@ -344,10 +347,6 @@ def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, whe
         click.echo(text, nl=False)
     else:
         console.print(rep.to_rich(result))
-        if result.verdicts:
-            console.print(f"[bold]{result.summary()}[/]")
-            for line in rep.verdict_lines(result):
-                console.print("  " + line)
     if plot_file:
         rep.plot(result, Path(plot_file))
         console.print(f"wrote {plot_file}")

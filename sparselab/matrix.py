@@ -254,13 +254,29 @@ class CellConfig(Strict):
         return flatten(self.model_dump(mode="json"))
 
 
-Direction = Literal["up", "down", "same"]
+Direction = Literal["up", "down", "same", "better", "worse"]
 
 
 class ReportSpec(Strict):
+    """How `sparselab report` compares cells (see sparselab.report and sparselab.stats)."""
     baseline: str | None = None
     metrics: list[str] = ["squadv2.exact", "squadv2.f1", "gsm8k.exact_match", "boolq.acc",
                           "wikitext2.ppl"]
+    alpha: float = Field(0.05, gt=0, lt=1)  # significance level of every verdict
+    correction: Literal["holm", "bh", "none"] = "holm"  # over the `expect:` family
+    # Equivalence margin per metric for `same`: an absolute change, or "5%" of the baseline's
+    # value; metrics not listed get sparselab.report.default_margin.
+    margin: dict[str, float | str] = {}
+    seed: int = 0  # of the bootstrap and permutation resampling
+
+    @field_validator("margin")
+    @classmethod
+    def _margin(cls, margins: dict[str, float | str]) -> dict[str, float | str]:
+        for metric, value in margins.items():
+            if isinstance(value, str) and not re.fullmatch(r"\d+(\.\d+)?%", value.strip()):
+                raise ValueError(f"margin of '{metric}' is '{value}': give a number (an absolute "
+                                 "change) or a percentage of the baseline such as '5%'")
+        return margins
 
 
 class Matrix(Strict):

@@ -1,28 +1,78 @@
 """`sparselab report`: the matrix's MLflow runs as one comparison table, read from the tracking store.
 
 Rows are cells (the dense reference first), leading columns the config keys that differ between
-cells, then each metric with ± stderr and its change against the baseline cell. A change counts as
-up or down only when it is larger than the combined standard error sqrt(se_cell² + se_base²);
-otherwise it is `same` (≈). Metrics without a standard error (perplexity, sparsity) are compared
-exactly. The `expect:` block of the matrix is judged against these verdicts.
+cells, then each metric with ± stderr and its change Δ against the baseline cell. Every cell is
+scored on the same examples, so a Δ is judged on the examples both cells scored
+(`sparselab.stats.paired`: exact McNemar for 0/1 scores, a paired permutation test for graded
+ones, a paired bootstrap interval), from the per-example scores each evaluation stage logs
+(`stages/<role>/examples.json`). Runs without them fall back, labelled, to a z-test on the two
+standard errors; metrics without any noise estimate (sparsity, parameter counts, times) are
+compared as they are.
+
+A Δ is up or down when its p-value is below `report.alpha`; `same` when its confidence interval
+lies inside ± the metric's equivalence margin; otherwise unresolved, with the number of examples
+that would resolve it. The `expect:` block is one family of hypotheses: its p-values are
+corrected (`report.correction`) before they are judged. Cells evaluated differently (limit,
+tasks, few-shot, data, lm-eval version) are not compared.
 """
 from __future__ import annotations
 
-import csv
 import html
-import io
 import json
 import math
+import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sparselab.errors import UserError, unknown_name
-from sparselab.matrix import is_dense_reference
+from sparselab.evaluate.examples import EXAMPLES_FILE, ExampleScores, role_metric
+from sparselab.matrix import ReportSpec, is_dense_reference
+from sparselab.stats import Comparison, adjust, mcnemar_min_discordant, paired, unpaired
 
-ARROWS = {"up": "↑", "down": "↓", "same": "≈"}
+ARROWS = {"up": "↑", "down": "↓", "same": "≈", "unresolved": "?"}
 PLOT_COLUMNS = 4
 IGNORED_PARAMS = ("seed", "prune.calibration.seed", "recover.train.seed", "evaluate.seed")
+EVALUATION_ROLES = ("perplexity_pruned", "perplexity", "answer_loss", "tasks")
+
+# Which way is better, by metric name: -1 lower, +1 higher (lm-eval's higher_is_better for our
+# tasks' metrics; losses, perplexity, time and memory are lower-is-better).
+LOWER_IS_BETTER = re.compile(r"(\.ppl(_pruned)?|_nll|^time\..*|_mb)$")
+HIGHER_IS_BETTER = re.compile(r"\.(acc\w*|exact\w*|f1|\w+_f1|\w+_exact|best_\w+|mcc)$")
+
+
+def orientation(metric: str) -> int:
+    """+1 when higher is better, -1 when lower is, 0 when neither (sparsity, parameter counts)."""
+    if LOWER_IS_BETTER.search(metric):
+        return -1
+    return 1 if HIGHER_IS_BETTER.search(metric) else 0
+
+
+def default_margin(metric: str) -> str | float:
+    """The equivalence margin of `same` where `report.margin` names none: 2 points of a
+    percentage score (SQuAD's 0-100), 0.02 of a 0-1 accuracy, 0.05 nats of a loss, else 5% of
+    the baseline's value (perplexity, times)."""
+    if metric.startswith("squadv2."):
+        return 2.0
+    if orientation(metric) > 0:
+        return 0.02
+    if metric.endswith("_nll"):
+        return 0.05
+    return "5%"
+
+
+def evaluation_keys(metric: str) -> tuple[str, ...]:
+    """Config params (prefixes) and tags that must agree for two cells' `metric` to compare."""
+    from sparselab.registry import TASKS
+    if ".answer_" in metric:
+        return ("evaluate.answer_loss.",)
+    if ".ppl" in metric:
+        return ("evaluate.perplexity.",)
+    if metric.split(".")[0] in TASKS:
+        return ("evaluate.tasks", "evaluate.limit", "evaluate.sample", "evaluate.num_fewshot",
+                "evaluate.gen_kwargs", "evaluate.seed", "tag:sparselab.version.lm_eval")
+    return ()
 
 
 @dataclass
@@ -32,12 +82,17 @@ class Row:
     run_id: str | None
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    examples: ExampleScores | None = None  # per-example scores; None: the run logged none
 
     def value(self, metric: str) -> float | None:
         return self.metrics.get(metric) if self.status == "FINISHED" else None
 
     def stderr(self, metric: str) -> float | None:
         return self.metrics.get(metric + "_stderr") if self.status == "FINISHED" else None
+
+    def scores(self, metric: str) -> dict[str, float] | None:
+        return self.examples.scores.get(metric) if self.examples else None
 
     def setting(self, key: str) -> str:
         """The cell's value of a config key; a key logged only as sub-keys (a data mix logs
@@ -48,12 +103,39 @@ class Row:
         return ", ".join(f"{k[len(prefix):]}={v}" for k, v in sorted(self.params.items())
                          if k.startswith(prefix))
 
+    def evaluation(self, metric: str) -> dict[str, str]:
+        """The settings that decide how `metric` was measured (evaluation config, data, lm-eval)."""
+        out = {"tag:sparselab.data_source": self.tags.get("sparselab.data_source", "")}
+        for key in evaluation_keys(metric):
+            if key.startswith("tag:"):
+                out[key] = self.tags.get(key[4:], "")
+            elif key.endswith("."):  # a section: every param in it
+                out.update({k: v for k, v in self.params.items() if k.startswith(key)})
+            else:
+                out.update({k: v for k, v in self.params.items()
+                            if k == key or k.startswith(key + ".")})
+        return out
+
 
 @dataclass
 class Change:
+    """One metric of one row against the baseline."""
     delta: float
-    noise: float | None  # combined standard error, None when unknown
-    direction: str  # up | down | same
+    direction: str  # up | down | same | unresolved
+    test: str  # mcnemar | permutation | unpaired-z | exact
+    comparison: Comparison | None = None  # None: compared as it is (no noise estimate)
+    margin: float | None = None
+    p_adjusted: float | None = None
+
+    @property
+    def p_value(self) -> float | None:
+        return self.comparison.p_value if self.comparison else None
+
+
+@dataclass
+class Refusal:
+    """A Δ the report will not give, and why."""
+    reason: str
 
 
 @dataclass
@@ -63,6 +145,8 @@ class Verdict:
     expected: str
     observed: str | None
     verdict: str  # agrees | disagrees | inconclusive
+    change: Change | None = None
+    reason: str = ""
 
 
 @dataclass
@@ -73,39 +157,131 @@ class Report:
     metrics: list[str]
     baseline: str | None
     verdicts: list[Verdict]
+    spec: ReportSpec = field(default_factory=ReportSpec)
+    show_runs: bool = False  # several runs of a cell: label each with its run id
+    _changes: dict[tuple[int, str], Change | Refusal | None] = field(default_factory=dict)
 
     def row(self, cell: str) -> Row | None:
-        return next((r for r in self.rows if r.cell == cell), None)
+        """The cell's row (with several runs: the newest finished one)."""
+        matches = [r for r in self.rows if r.cell == cell]
+        return next((r for r in matches if r.status == "FINISHED"), matches[0] if matches else None)
 
-    def change(self, row: Row, metric: str) -> Change | None:
-        base = self.row(self.baseline) if self.baseline else None
-        if base is None or row is base:
-            return None
-        return compare(row, base, metric)
+    @property
+    def base_row(self) -> Row | None:
+        return self.row(self.baseline) if self.baseline else None
+
+    def change(self, row: Row, metric: str) -> Change | Refusal | None:
+        key = (id(row), metric)
+        if key not in self._changes:
+            base = self.base_row
+            self._changes[key] = None if base is None or row is base else \
+                compare(row, base, metric, self.spec)
+        return self._changes[key]
+
+    def unpaired_cells(self) -> list[str]:
+        """Finished cells whose runs logged no per-example scores (judged by the unpaired rule)."""
+        return [r.cell for r in self.rows if r.status == "FINISHED" and r.examples is None]
 
     def summary(self) -> str:
         if not self.verdicts:
             return ""
         held = sum(v.verdict == "agrees" for v in self.verdicts)
         inconclusive = sum(v.verdict == "inconclusive" for v in self.verdicts)
-        return (f"{held} of {len(self.verdicts)} expectations hold"
-                + (f" ({inconclusive} inconclusive)" if inconclusive else ""))
+        correction = {"holm": "Holm", "bh": "Benjamini-Hochberg", "none": "no"}[
+            self.spec.correction]
+        return (f"{held} of {len(self.verdicts)} expectations hold at α = {self.spec.alpha:g} "
+                f"({correction} correction)"
+                + (f", {inconclusive} inconclusive" if inconclusive else ""))
 
-    footer = ("Δ is the change from the baseline; ↑/↓ only when larger than the combined standard "
-              "error sqrt(se² + se_baseline²), else ≈ (same). Metrics without a standard error are "
-              "compared exactly.")
+    @property
+    def footer(self) -> str:
+        alpha = self.spec.alpha
+        text = (f"Δ is the change from the baseline on the examples both cells scored: ↑/↓ when "
+                f"p < {alpha:g} (exact McNemar for 0/1 scores, paired permutation otherwise), "
+                f"≈ when its {100 * (1 - alpha):g}% interval (paired bootstrap; Agresti-Min for "
+                "0/1 scores) lies within the metric's equivalence margin, ? when neither "
+                "(always with fewer than "
+                f"{mcnemar_min_discordant(alpha)} paired examples). Metrics without a noise "
+                "estimate are compared as they are.")
+        unpaired_cells = self.unpaired_cells()
+        if unpaired_cells:
+            text += (" No per-example scores for " + ", ".join(unpaired_cells) + ": their Δ use "
+                     "the unpaired rule (z-test on the two standard errors); `sparselab run M "
+                     "--rerun` re-scores them.")
+        return text
 
 
-def compare(row: Row, base: Row, metric: str) -> Change | None:
+def margin_of(metric: str, base_value: float, spec: ReportSpec) -> float:
+    margin = spec.margin.get(metric, default_margin(metric))
+    if isinstance(margin, str):
+        return abs(base_value) * float(margin.strip().rstrip("%")) / 100
+    return float(margin)
+
+
+def compare(row: Row, base: Row, metric: str, spec: ReportSpec | None = None
+            ) -> Change | Refusal | None:
+    """`row`'s `metric` against the baseline's: paired when both logged per-example scores."""
+    spec = spec or ReportSpec()
     value, ref = row.value(metric), base.value(metric)
     if value is None or ref is None:
         return None
-    delta = value - ref
-    se, se_ref = row.stderr(metric), base.stderr(metric)
-    noise = math.sqrt(se ** 2 + se_ref ** 2) if se is not None and se_ref is not None else None
-    threshold = noise if noise is not None else 0.0
-    direction = "same" if abs(delta) <= threshold else ("up" if delta > 0 else "down")
-    return Change(delta, noise, direction)
+    differs = {k: (row.evaluation(metric).get(k), base.evaluation(metric).get(k))
+               for k in row.evaluation(metric).keys() | base.evaluation(metric).keys()}
+    differs = {k: v for k, v in differs.items() if v[0] != v[1]}
+    if differs:
+        return Refusal("evaluated differently: " + "; ".join(
+            f"{k.removeprefix('tag:')} {a if a is not None else '(unset)'} vs "
+            f"{b if b is not None else '(unset)'}" for k, (a, b) in sorted(differs.items())))
+    margin = margin_of(metric, ref, spec)
+    scores, ref_scores = row.scores(metric), base.scores(metric)
+    comparison = None
+    if scores is not None and ref_scores is not None:
+        comparison = paired(ref_scores, scores, row.examples.aggregate.get(metric, "mean"),
+                            full_score=row.examples.full_score.get(metric), alpha=spec.alpha,
+                            seed=spec.seed)
+    if comparison is None:
+        se, se_ref = row.stderr(metric), base.stderr(metric)
+        if se is None and se_ref is None:  # a quantity without sampling noise
+            delta = value - ref
+            return Change(delta, "same" if delta == 0 else ("up" if delta > 0 else "down"),
+                          "exact", margin=margin)
+        comparison = unpaired(value, se, ref, se_ref, alpha=spec.alpha)
+        if comparison is None:
+            return Refusal("a standard error is zero or missing, and there are no per-example "
+                           "scores to pair")
+    change = Change(value - ref, "", comparison.test, comparison, margin)
+    change.direction = judge(change, comparison.p_value, spec.alpha)
+    return change
+
+
+def judge(change: Change, p_value: float, alpha: float) -> str:
+    """up/down when significant, same when the interval lies within ± the margin, else
+    unresolved (always, with fewer paired examples than any exact test at alpha needs)."""
+    c = change.comparison
+    if c.paired and c.n < mcnemar_min_discordant(alpha):
+        return "unresolved"
+    if p_value < alpha and c.delta != 0:
+        return "up" if c.delta > 0 else "down"
+    if change.margin is not None and -change.margin <= c.ci_low and c.ci_high <= change.margin:
+        return "same"
+    return "unresolved"
+
+
+def quality(metric: str, direction: str | None) -> str:
+    """'better' / 'worse' for an up/down change of an oriented metric, else ''."""
+    sign = orientation(metric)
+    if direction not in ("up", "down") or sign == 0:
+        return ""
+    return "better" if (direction == "up") == (sign > 0) else "worse"
+
+
+def expected_direction(metric: str, expected: str) -> str | None:
+    if expected in ("up", "down", "same"):
+        return expected
+    sign = orientation(metric)
+    if sign == 0:
+        return None
+    return "up" if (expected == "better") == (sign > 0) else "down"
 
 
 # --- reading runs back ---------------------------------------------------------------------------
@@ -117,7 +293,8 @@ def _client():
 
 def collect(client, experiment: str, cells: list[str] | None = None,
             parent_run: str | None = None, all_runs: bool = False) -> list[Row]:
-    """Child runs of an experiment as rows: the newest run per cell (FINISHED preferred)."""
+    """Child runs of an experiment as rows: the newest run per cell (FINISHED preferred), or
+    with `all_runs` every run, each cell's newest first."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
@@ -125,28 +302,49 @@ def collect(client, experiment: str, cells: list[str] | None = None,
     runs = client.search_runs([exp.experiment_id], filter_string=filter_string,
                               order_by=["attributes.start_time DESC"], max_results=5000)
     runs = [r for r in runs if "sparselab.cell" in r.data.tags]
-    rows: list[Row] = []
-    if all_runs:
-        rows = [_row(r) for r in runs]
-    else:
-        chosen: dict[str, Any] = {}
-        for run in runs:  # newest first: keep the newest FINISHED, else the newest of any status
-            name = run.data.tags["sparselab.cell"]
-            if name not in chosen or (chosen[name].info.status != "FINISHED"
-                                      and run.info.status == "FINISHED"):
-                chosen[name] = run
-        rows = [_row(r) for r in chosen.values()]
-    if cells is not None:
-        by_name = {r.cell: r for r in rows}
-        rows = [by_name.get(name, Row(name, "NOT RUN", None)) for name in cells]
-        rows += [r for r in by_name.values() if r.cell not in cells and all_runs]
-    rows.sort(key=lambda r: (not is_dense_reference(r.cell),))
+    by_cell: dict[str, list[Any]] = {}
+    for run in runs:  # newest first
+        by_cell.setdefault(run.data.tags["sparselab.cell"], []).append(run)
+    if not all_runs:  # the newest FINISHED, else the newest of any status
+        by_cell = {name: [next((r for r in group if r.info.status == "FINISHED"), group[0])]
+                   for name, group in by_cell.items()}
+    order = list(cells) if cells is not None else []
+    order += [name for name in by_cell if name not in order
+              and (cells is None or all_runs)]
+    rows = []
+    for name in order:
+        group = by_cell.get(name)
+        rows += [_row(r) for r in group] if group else [Row(name, "NOT RUN", None)]
+    rows.sort(key=lambda r: not is_dense_reference(r.cell))  # stable: the order above stays
     return rows
 
 
 def _row(run) -> Row:
     return Row(run.data.tags["sparselab.cell"], run.info.status, run.info.run_id,
-               dict(run.data.params), dict(run.data.metrics))
+               dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
+
+
+def load_examples(client, rows: list[Row]) -> None:
+    """Fill each finished row's per-example scores from its runs' stage artifacts."""
+    import os
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for row in rows:
+        if row.status != "FINISHED" or row.run_id is None:
+            continue
+        merged, found = ExampleScores(), False
+        for role in EVALUATION_ROLES:
+            if f"sparselab.stage.{role}.key" not in row.tags:
+                continue
+            with tempfile.TemporaryDirectory(prefix="sparselab-report-") as tmp:
+                try:
+                    path = client.download_artifacts(
+                        row.run_id, f"stages/{role}/{EXAMPLES_FILE}", tmp)
+                except Exception:  # noqa: BLE001 - an older run without them
+                    continue
+                merged.merge(ExampleScores.read(Path(path)).renamed(
+                    lambda metric, role=role: role_metric(role, metric)))
+                found = True
+        row.examples = merged if found else None
 
 
 def differing_keys(rows: list[Row]) -> list[str]:
@@ -166,8 +364,8 @@ def differing_keys(rows: list[Row]) -> list[str]:
 
 
 def build(rows: list[Row], title: str, metrics: list[str], baseline: str | None,
-          expect: dict[str, dict[str, str]] | None = None, where: dict[str, str] | None = None
-          ) -> Report:
+          expect: dict[str, dict[str, str]] | None = None, where: dict[str, str] | None = None,
+          spec: ReportSpec | None = None) -> Report:
     if not rows:
         raise UserError(f"no runs found for {title}; run it first: sparselab run MATRIX")
     available = sorted({m for r in rows for m in r.metrics if not m.endswith("_stderr")})
@@ -177,22 +375,61 @@ def build(rows: list[Row], title: str, metrics: list[str], baseline: str | None,
     names = [r.cell for r in rows]
     if baseline is not None and baseline not in names:
         raise UserError(f"report.baseline '{baseline}' is not a cell of {title}; cells: "
-                        f"{', '.join(names)}.", key="report.baseline")
+                        f"{', '.join(dict.fromkeys(names))}.", key="report.baseline")
     if where:
         rows = [r for r in rows if r.cell == baseline or is_dense_reference(r.cell)
                 or all(r.setting(k) == v for k, v in where.items())]
-    report = Report(title, rows, differing_keys(rows), metrics, baseline, [])
+    spec = spec or ReportSpec()
+    report = Report(title, rows, differing_keys(rows), metrics, baseline, [], spec,
+                    show_runs=len(set(names)) < len(names))
     for cell, expectations in (expect or {}).items():
         for metric, expected in expectations.items():
             row = report.row(cell) or next((r for r in rows if r.cell.split("[")[0] == cell), None)
             change = report.change(row, metric) if row else None
-            observed = change.direction if change else None
-            if change is None:
-                verdict = "inconclusive"
-            else:
-                verdict = "agrees" if observed == expected else "disagrees"
-            report.verdicts.append(Verdict(cell, metric, expected, observed, verdict))
+            report.verdicts.append(Verdict(cell, metric, expected, None, "inconclusive",
+                                           change if isinstance(change, Change) else None,
+                                           change.reason if isinstance(change, Refusal) else
+                                           ("" if change else "not measured")))
+    _judge_family(report)
     return report
+
+
+def _judge_family(report: Report) -> None:
+    """Correct the expectations' p-values as one family, then judge each."""
+    spec = report.spec
+    tested = [v for v in report.verdicts if v.change and v.change.comparison]
+    adjusted = adjust([v.change.p_value for v in tested], spec.correction)
+    for verdict, p_adj in zip(tested, adjusted):
+        verdict.change.p_adjusted = p_adj  # the table shows the hypothesis as judged
+        verdict.change.direction = judge(verdict.change, p_adj, spec.alpha)
+    for verdict in report.verdicts:
+        change = verdict.change
+        if change is None:
+            continue
+        verdict.observed = change.direction
+        want = expected_direction(verdict.metric, verdict.expected)
+        if want is None:
+            verdict.reason = f"'{verdict.expected}' has no meaning for {verdict.metric}"
+        elif change.direction == "unresolved":
+            verdict.reason = resolution_text(change)
+        elif want == "same":
+            verdict.verdict = "agrees" if change.direction == "same" else "disagrees"
+        else:
+            verdict.verdict = "agrees" if change.direction == want else "disagrees"
+
+
+def resolution_text(change: Change) -> str:
+    c = change.comparison
+    if c is None:
+        return ""
+    parts = []
+    if c.mde is not None:
+        parts.append("no effect is detectable with these examples" if math.isinf(c.mde)
+                     else f"detects |Δ| ≥ {fmt(c.mde)}")
+    if change.direction == "unresolved" and c.n_needed is not None:
+        parts.append(f"this Δ needs ~{c.n_needed} examples" if c.paired
+                     else "this Δ needs more examples")
+    return "; ".join(parts)
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -200,109 +437,226 @@ def build(rows: list[Row], title: str, metrics: list[str], baseline: str | None,
 def fmt(value: float | None) -> str:
     if value is None:
         return ""
+    if math.isinf(value):
+        return "∞"
     if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
         return f"{value:.3g}"
     return f"{value:.4g}" if abs(value) >= 100 else f"{value:.4f}".rstrip("0").rstrip(".")
 
 
-def cells_text(report: Report, row: Row, metric: str) -> tuple[str, str]:
-    """'value ± se' and 'Δ arrow' for one metric of one row (status text when it did not run)."""
+def fmt_p(p: float | None) -> str:
+    if p is None:
+        return ""
+    return "p<0.001" if p < 0.001 else f"p={p:.2g}"
+
+
+def change_text(metric: str, change: Change | Refusal | None, with_p: bool = True
+                ) -> tuple[str, str]:
+    """The Δ text ('+10 ↑ better p=0.003', 'not comparable') and its tone: better | worse | ''."""
+    if change is None:
+        return "", ""
+    if isinstance(change, Refusal):
+        return "not comparable", ""
+    tone = quality(metric, change.direction)
+    text = f"{change.delta:+.4g} {ARROWS[change.direction]}"
+    if tone:
+        text += " " + tone
+    if with_p and change.comparison is not None:
+        text += " " + fmt_p(change.p_value)
+    return text, tone
+
+
+def row_label(report: Report, row: Row) -> str:
+    return f"{row.cell} ({row.run_id[:8]})" if report.show_runs and row.run_id else row.cell
+
+
+def cells_text(report: Report, row: Row, metric: str, with_p: bool = True
+               ) -> tuple[str, str, str]:
+    """'value ± se', the Δ text and its tone for one metric of one row (status when not run)."""
     if row.status != "FINISHED":
-        return (row.status.lower(), "")
+        return (row.status.lower(), "", "")
     value = row.value(metric)
     if value is None:
-        return ("–", "")
+        return ("–", "", "")
     se = row.stderr(metric)
     text = fmt(value) + (f" ± {fmt(se)}" if se is not None else "")
-    change = report.change(row, metric)
-    delta = f"{change.delta:+.4g} {ARROWS[change.direction]}" if change else ""
-    return text, delta
+    return (text, *change_text(metric, report.change(row, metric), with_p))
 
 
-def table_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+def table_rows(report: Report, with_p: bool = True
+               ) -> tuple[list[str], list[list[tuple[str, str]]]]:
+    """Header and body of the main table; each body cell is (text, tone)."""
     header = ["cell", *report.keys]
     for metric in report.metrics:
         header += [metric, "Δ"]
     body = []
     for row in report.rows:
         dense = is_dense_reference(row.cell)  # unpruned: the cells' settings do not apply
-        line = [row.cell] + ["" if dense else row.setting(k) for k in report.keys]
+        line = [(row_label(report, row), "")] + [("" if dense else row.setting(k), "")
+                                                   for k in report.keys]
         for metric in report.metrics:
-            line += list(cells_text(report, row, metric))
+            value, delta, tone = cells_text(report, row, metric, with_p)
+            line += [(value, ""), (delta, tone)]
         body.append(line)
     return header, body
 
 
-def verdict_lines(report: Report) -> list[str]:
-    return [f"{v.cell} {v.metric}: expected {ARROWS[v.expected]} {v.expected}, observed "
-            f"{ARROWS[v.observed] + ' ' + v.observed if v.observed else 'nothing'} → {v.verdict}"
-            for v in report.verdicts]
+HYPOTHESIS_HEADER = ["cell", "metric", "expected", "Δ", "CI", "p", "p adj.", "test", "n",
+                     "resolution", "verdict"]
+
+
+def hypothesis_rows(report: Report) -> list[list[str]]:
+    out = []
+    for v in report.verdicts:
+        c = v.change.comparison if v.change else None
+        observed = ""
+        if v.change:
+            observed = f"{v.change.delta:+.4g} {ARROWS[v.change.direction]}"
+            tone = quality(v.metric, v.change.direction)
+            observed += f" {tone}" if tone else ""
+        out.append([v.cell, v.metric, f"{ARROWS.get(v.expected, '')} {v.expected}".strip(),
+                    observed, f"[{fmt(c.ci_low)}, {fmt(c.ci_high)}]" if c else "",
+                    fmt_p(c.p_value).removeprefix("p=") if c else "",
+                    fmt_p(v.change.p_adjusted).removeprefix("p=") if c else "",
+                    v.change.test if v.change else "", str(c.n) if c and c.n else "",
+                    v.reason or (resolution_text(v.change) if v.change else ""), v.verdict])
+    return out
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+            + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body])
 
 
 def to_markdown(report: Report) -> str:
     header, body = table_rows(report)
-    lines = [f"### {report.title}", "", "| " + " | ".join(header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
+    lines = [f"### {report.title}", ""] + _md_table(header, [[t for t, _ in r] for r in body])
     lines += ["", f"Baseline: `{report.baseline}`. {report.footer}" if report.baseline
               else report.footer]
     if report.verdicts:
-        lines += ["", f"**{report.summary()}**", ""] + [f"- {line}" for line in verdict_lines(report)]
+        lines += ["", f"**{report.summary()}**", ""] + _md_table(HYPOTHESIS_HEADER,
+                                                               hypothesis_rows(report))
     return "\n".join(lines) + "\n"
 
 
+TIDY_COLUMNS = ["cell", "run_id", "status", "metric", "value", "stderr", "n", "delta", "ci_low",
+                "ci_high", "p_value", "p_adjusted", "test", "direction", "quality", "margin",
+                "mde", "n_needed", "expected", "verdict", "note"]
+
+
+def tidy(report: Report):
+    """One row per cell × metric (pandas DataFrame): value, noise, Δ, interval, p-values,
+    verdicts, resolution; config keys that differ as `config.<key>` columns."""
+    import pandas as pd
+    expectations = {(v.cell, v.metric): v for v in report.verdicts}
+    base = report.base_row
+    records = []
+    for row in report.rows:
+        for metric in report.metrics:
+            change = report.change(row, metric)
+            hypothesis = expectations.get((row.cell, metric)) if row is report.row(row.cell) \
+                else None
+            c = change.comparison if isinstance(change, Change) else None
+            record: dict[str, Any] = {
+                "cell": row.cell, "run_id": row.run_id, "status": row.status, "metric": metric,
+                "value": row.value(metric), "stderr": row.stderr(metric),
+                "n": c.n if c else None,
+                "delta": change.delta if isinstance(change, Change) else None,
+                "ci_low": c.ci_low if c else None, "ci_high": c.ci_high if c else None,
+                "p_value": c.p_value if c else None,
+                "p_adjusted": change.p_adjusted if isinstance(change, Change) else None,
+                "test": change.test if isinstance(change, Change) else None,
+                "direction": change.direction if isinstance(change, Change) else None,
+                "quality": quality(metric, change.direction) or None
+                if isinstance(change, Change) else None,
+                "margin": change.margin if isinstance(change, Change) else None,
+                "mde": c.mde if c and c.mde is not None and not math.isinf(c.mde) else None,
+                "n_needed": c.n_needed if c else None,
+                "expected": hypothesis.expected if hypothesis else None,
+                "verdict": hypothesis.verdict if hypothesis else None,
+                "note": change.reason if isinstance(change, Refusal) else
+                ("baseline" if row is base else None)}
+            record.update({f"config.{k}": ("" if is_dense_reference(row.cell) else row.setting(k))
+                           for k in report.keys})
+            records.append(record)
+    columns = TIDY_COLUMNS[:3] + [f"config.{k}" for k in report.keys] + TIDY_COLUMNS[3:]
+    frame = pd.DataFrame.from_records(records, columns=columns)
+    for column in ("n", "n_needed"):
+        frame[column] = frame[column].astype("Int64")
+    return frame
+
+
 def to_csv(report: Report) -> str:
-    header, body = table_rows(report)
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(header)
-    writer.writerows(body)
-    return out.getvalue()
+    return tidy(report).to_csv(index=False)
 
 
 def to_json(report: Report) -> str:
-    rows = []
-    for row in report.rows:
-        entry = {"cell": row.cell, "status": row.status, "run_id": row.run_id,
-                 "config": {k: row.setting(k) for k in report.keys}, "metrics": {}}
-        for metric in report.metrics:
-            change = report.change(row, metric)
-            entry["metrics"][metric] = {
-                "value": row.value(metric), "stderr": row.stderr(metric),
-                "delta": change.delta if change else None,
-                "noise": change.noise if change else None,
-                "direction": change.direction if change else None}
-        rows.append(entry)
-    return json.dumps({"title": report.title, "baseline": report.baseline, "rows": rows,
-                       "expectations": [v.__dict__ for v in report.verdicts],
+    frame = tidy(report).astype(object)
+    records = frame.where(frame.notna(), None).to_dict(orient="records")  # full precision
+    return json.dumps({"title": report.title, "baseline": report.baseline,
+                       "alpha": report.spec.alpha, "correction": report.spec.correction,
+                       "rows": records,
+                       "expectations": [{"cell": v.cell, "metric": v.metric,
+                                         "expected": v.expected, "observed": v.observed,
+                                         "verdict": v.verdict, "reason": v.reason}
+                                        for v in report.verdicts],
+                       "paired": not report.unpaired_cells(),
+                       "unpaired_cells": report.unpaired_cells(),
                        "summary": report.summary(), "rule": report.footer}, indent=2)
+
+
+TONE_COLOURS = {"better": "#1a7f37", "worse": "#cf222e"}
 
 
 def to_html(report: Report) -> str:
     header, body = table_rows(report)
     esc = html.escape
+
+    def cell(text: str, tone: str = "") -> str:
+        style = f" style='color:{TONE_COLOURS[tone]}'" if tone in TONE_COLOURS else ""
+        return f"<td{style}>{esc(text)}</td>"
+
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body)
-    verdicts = "".join(f"<li>{esc(line)}</li>" for line in verdict_lines(report))
+    rows = "".join("<tr>" + "".join(cell(t, tone) for t, tone in row) + "</tr>" for row in body)
+    hypotheses = ""
+    if report.verdicts:
+        hyp_head = "".join(f"<th>{esc(h)}</th>" for h in HYPOTHESIS_HEADER)
+        hyp_rows = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>"
+                           for row in hypothesis_rows(report))
+        hypotheses = (f"<p><b>{esc(report.summary())}</b></p>"
+                      f"<table><tr>{hyp_head}</tr>{hyp_rows}</table>")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(report.title)}</title>"
             "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
             "td:first-child{text-align:left}</style></head><body>"
             f"<h3>{esc(report.title)}</h3><table><tr>{head}</tr>{rows}</table>"
-            f"<p>{esc(report.footer)}</p>"
-            + (f"<p><b>{esc(report.summary())}</b></p><ul>{verdicts}</ul>" if verdicts else "")
-            + "</body></html>\n")
+            f"<p>{esc(report.footer)}</p>{hypotheses}</body></html>\n")
+
+
+RICH_TONES = {"better": "green", "worse": "red"}
 
 
 def to_rich(report: Report):
+    """The main table and, when the matrix has expectations, the hypotheses table (rich)."""
+    from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
-    header, body = table_rows(report)
+    header, body = table_rows(report, with_p=False)  # narrow: p-values in the hypotheses
     table = Table(title=report.title, caption=report.footer)
     for column in header:
         table.add_column(column, justify="left" if column in ("cell", *report.keys) else "right")
     for row in body:
-        table.add_row(*row)
-    return table
+        table.add_row(*(f"[{RICH_TONES[tone]}]{escape(text)}[/]" if tone in RICH_TONES
+                        else escape(text) for text, tone in row))
+    if not report.verdicts:
+        return table
+    hypotheses = Table(title=report.summary())
+    for column in HYPOTHESIS_HEADER:
+        hypotheses.add_column(column)
+    colours = {"agrees": "green", "disagrees": "red", "inconclusive": "yellow"}
+    for row in hypothesis_rows(report):
+        hypotheses.add_row(*map(escape, row[:-1]), f"[{colours[row[-1]]}]{row[-1]}[/]")
+    return Group(table, hypotheses)
 
 
 def pivot(report: Report, rows_key: str, cols_key: str, metric: str) -> tuple[list[str], list[list[str]]]:
@@ -342,7 +696,8 @@ def plot(report: Report, file: Path) -> None:
         ax.bar(range(len(cells)), values, yerr=errors, capsize=3,
                color=["#999999" if is_dense_reference(r.cell) else "#4c72b0" for r in cells])
         ax.set_xticks(range(len(cells)))
-        ax.set_xticklabels([r.cell for r in cells], rotation=60, ha="right", fontsize=7)
+        ax.set_xticklabels([row_label(report, r) for r in cells], rotation=60, ha="right",
+                           fontsize=7)
         ax.set_title(metric, fontsize=9)
     fig.suptitle(report.title, fontsize=10)
     fig.tight_layout()

@@ -18,6 +18,7 @@ import yaml
 
 from sparselab.cache import Entry, StageCache
 from sparselab.data.catalog import DataSource
+from sparselab.evaluate.examples import role_metric
 from sparselab.matrix import Cell
 from sparselab.models import (LoadedModel, compute_device_name, load_model, model_source,
                               save_model)
@@ -156,12 +157,18 @@ def compute_recover(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path
 
 
 def compute_perplexity(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) -> None:
-    from sparselab.evaluate.perplexity import perplexity
+    from sparselab.evaluate.examples import ExampleScores, example_id
+    from sparselab.evaluate.perplexity import summarise, window_losses
     ppl = plan.cell.config.evaluate.perplexity
     dataset = DATASETS.get(ppl.data)()
     text = dataset.text(plan.source, dataset.eval_split)
-    result = perplexity(loaded.model, loaded.tokenizer, text, ppl.seqlen, ppl.batch_size,
+    nll = window_losses(loaded.model, loaded.tokenizer, text, ppl.seqlen, ppl.batch_size,
                         ppl.max_windows)
+    scores = ExampleScores()
+    scores.add(f"{ppl.data}.ppl", (example_id(ppl.data, "window", i) for i in range(len(nll))),
+               nll, "exp_mean")
+    scores.write(out / "artifacts")
+    result = summarise(nll, ppl.seqlen)
     metrics = {f"{ppl.data}.ppl": result["ppl"], f"{ppl.data}.ppl_tokens": result["tokens"]}
     if "ppl_stderr" in result:  # one window has no spread
         metrics[f"{ppl.data}.ppl_stderr"] = result["ppl_stderr"]
@@ -169,15 +176,21 @@ def compute_perplexity(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: P
 
 
 def compute_answer_loss(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) -> None:
-    from sparselab.evaluate.answer_loss import answer_loss
+    from sparselab.evaluate.answer_loss import example_losses, summarise
+    from sparselab.evaluate.examples import ExampleScores, example_id
     cfg = plan.cell.config.evaluate.answer_loss
     metrics = {}
+    scores = ExampleScores()
     for name in cfg.data:
         dataset = DATASETS.get(name)()
         examples = dataset.examples(plan.source, dataset.eval_split)[:cfg.limit]
-        result = answer_loss(loaded.model, loaded.tokenizer, examples, cfg.seqlen,
-                             cfg.batch_size)
-        metrics.update({f"{name}.{key}": value for key, value in result.items()})
+        losses, tokens = example_losses(loaded.model, loaded.tokenizer, examples, cfg.seqlen,
+                                        cfg.batch_size)
+        metrics.update({f"{name}.{key}": value for key, value in summarise(losses, tokens).items()})
+        for score, values in losses.items():
+            scores.add(f"{name}.{score}_nll", (example_id(name, "example", i) for i in values),
+                       values.values())
+    scores.write(out / "artifacts")
     _write_metrics(out, metrics)
 
 
@@ -211,7 +224,7 @@ def cell_metrics(plan: CellPlan, entries: dict[str, Entry]) -> dict[str, float]:
     for role, entry in entries.items():
         values = entry.metrics
         if role == "perplexity_pruned":
-            metrics.update({k.replace(".ppl", ".ppl_pruned"): v for k, v in values.items()
+            metrics.update({role_metric(role, k): v for k, v in values.items()
                             if ".ppl" in k and not k.startswith("time.")})
             continue
         for key, value in values.items():

@@ -18,9 +18,10 @@ from sparselab.models import model_source
 from sparselab.registry import PRUNING
 
 # Bump a stage's version when its computation or its outputs change, so old cache entries are
-# not reused (answer_loss 2: the answer text and its eos scored apart).
-STAGE_VERSIONS = {"load": 1, "prune": 1, "recover": 2, "perplexity": 2, "answer_loss": 2,
-                  "tasks": 1}
+# not reused (answer_loss 2: the answer text and its eos scored apart; the evaluation stages 3/3/2:
+# per-example scores kept for paired comparisons).
+STAGE_VERSIONS = {"load": 1, "prune": 1, "recover": 2, "perplexity": 3, "answer_loss": 3,
+                  "tasks": 2}
 MODEL_STAGES = ("load", "prune", "recover")
 
 

@@ -1,16 +1,21 @@
 """The report, from a tracking store filled with known runs through the real MLflow client."""
 from __future__ import annotations
 
-import csv
 import io
 import json
 from html.parser import HTMLParser
+from statistics import NormalDist
+
+import numpy as np
+import pandas as pd
 
 import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from sparselab.cli import main
+from sparselab.evaluate.examples import ExampleScores
+from sparselab.stats import adjust, paired
 
 from conftest import write
 
@@ -79,30 +84,44 @@ def _report(path, *args):
     return result
 
 
-def test_json_values_differences_noise_and_verdicts(store):
+def test_json_is_tidy_and_falls_back_to_the_unpaired_rule(store):
+    """No run logged per-example scores: every Δ is judged by the labelled unpaired rule."""
     client, parent, path = store
     result = _report(path, "--format", "json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    rows = {r["cell"]: r for r in data["rows"]}
-    assert [r["cell"] for r in data["rows"]] == ["dense", "baseline", "exp1", "exp2", "exp3"]
-    assert rows["baseline"]["config"] == {"prune.calibration.data": "wikitext2",
-                                          "recover.data": "wikitext2"}
-    f1 = rows["exp1"]["metrics"]["squadv2.f1"]
-    assert f1["value"] == 30.0 and f1["delta"] == 10.0
-    assert f1["noise"] == pytest.approx(2.0 * 2 ** 0.5) and f1["direction"] == "up"
-    assert rows["exp1"]["metrics"]["boolq.acc"]["direction"] == "same"
-    assert rows["exp2"]["metrics"]["squadv2.f1"]["direction"] == "same"
-    assert rows["exp2"]["metrics"]["boolq.acc"]["direction"] == "down"
-    assert rows["exp1"]["metrics"]["wikitext2.ppl"]["direction"] == "up"  # no stderr: exact
-    assert rows["exp3"]["status"] == "FAILED"
-    assert rows["exp3"]["metrics"]["squadv2.f1"]["value"] is None
+    assert data["paired"] is False and "exp1" in data["unpaired_cells"]
+    assert "No per-example scores for" in data["rule"]
+    rows = {(r["cell"], r["metric"]): r for r in data["rows"]}
+    assert len(data["rows"]) == 5 * 3  # cell x metric
+    assert [r["cell"] for r in data["rows"][::3]] == ["dense", "baseline", "exp1", "exp2", "exp3"]
+    assert rows["baseline", "squadv2.f1"]["config.prune.calibration.data"] == "wikitext2"
+    assert rows["baseline", "squadv2.f1"]["note"] == "baseline"
+    f1 = rows["exp1", "squadv2.f1"]
+    assert f1["value"] == 30.0 and f1["delta"] == 10.0 and f1["test"] == "unpaired-z"
+    noise = 2.0 * 2 ** 0.5
+    assert f1["p_value"] == pytest.approx(2 * (1 - NormalDist().cdf(10 / noise)))
+    assert f1["ci_low"] == pytest.approx(10 - 1.959964 * noise, rel=1e-5)
+    assert f1["direction"] == "up" and f1["quality"] == "better"
+    # -0.01 against 0.028 of noise: neither a change nor within the 0.02 margin
+    assert rows["exp1", "boolq.acc"]["direction"] == "unresolved"
+    assert rows["exp2", "boolq.acc"]["direction"] == "down"
+    assert rows["exp2", "boolq.acc"]["quality"] == "worse"
+    ppl = rows["exp1", "wikitext2.ppl"]  # no noise estimate: compared as it is
+    assert ppl["test"] == "exact" and ppl["direction"] == "up" and ppl["quality"] == "worse"
+    assert rows["exp3", "squadv2.f1"]["status"] == "FAILED"
+    assert rows["exp3", "squadv2.f1"]["value"] is None
     verdicts = {(v["cell"], v["metric"]): v["verdict"] for v in data["expectations"]}
-    assert verdicts == {("exp1", "squadv2.f1"): "agrees", ("exp1", "boolq.acc"): "agrees",
+    assert verdicts == {("exp1", "squadv2.f1"): "agrees", ("exp1", "boolq.acc"): "inconclusive",
                         ("exp1", "wikitext2.ppl"): "disagrees",
-                        ("exp2", "squadv2.f1"): "disagrees", ("exp2", "boolq.acc"): "agrees",
+                        ("exp2", "squadv2.f1"): "inconclusive", ("exp2", "boolq.acc"): "agrees",
                         ("exp3", "squadv2.f1"): "inconclusive"}
-    assert data["summary"] == "3 of 6 expectations hold (1 inconclusive)"
+    tested = [rows[c, m] for c, m in [("exp1", "squadv2.f1"), ("exp1", "boolq.acc"),
+                                      ("exp2", "squadv2.f1"), ("exp2", "boolq.acc")]]
+    assert [r["p_adjusted"] for r in tested] == pytest.approx(
+        adjust([r["p_value"] for r in tested], "holm"))
+    assert data["summary"] == ("2 of 6 expectations hold at α = 0.05 (Holm correction), "
+                               "3 inconclusive")
 
 
 def test_table_shows_failed_cells_as_failed_not_zero(store):
@@ -111,16 +130,19 @@ def test_table_shows_failed_cells_as_failed_not_zero(store):
     assert result.exit_code == 0, result.output
     line = next(l for l in result.output.splitlines() if l.startswith("│ exp3"))
     assert "failed" in line and " 0 " not in line
-    assert "3 of 6 expectations hold" in result.output
+    assert "2 of 6 expectations hold" in result.output
 
 
 def test_markdown_csv_html_and_plot(store, workspace):
     client, parent, path = store
     md = _report(path, "--format", "md").output
-    assert "| exp1 | wikitext2 | squad | 30 ± 2 | +10 ↑ |" in md
-    rows = list(csv.reader(io.StringIO(_report(path, "--format", "csv").output)))
-    assert rows[0][:3] == ["cell", "prune.calibration.data", "recover.data"]
-    assert rows[3][0] == "exp1" and rows[3][3] == "30 ± 2"
+    assert "| exp1 | wikitext2 | squad | 30 ± 2 | +10 ↑ better p<0.001 |" in md
+    assert "| exp2 | boolq.acc | ↓ down | -0.1 ↓ worse |" in md  # the hypotheses table
+    frame = pd.read_csv(io.StringIO(_report(path, "--format", "csv").output))
+    assert list(frame.columns[:5]) == ["cell", "run_id", "status", "config.prune.calibration.data",
+                                       "config.recover.data"]
+    exp1 = frame[(frame.cell == "exp1") & (frame.metric == "squadv2.f1")].iloc[0]
+    assert exp1.value == 30.0 and exp1.stderr == 2.0 and exp1.delta == 10.0
     html_text = _report(path, "--format", "html").output
 
     class Cells(HTMLParser):
@@ -165,7 +187,7 @@ def test_pivot_and_where(store):
     assert lines[3] == "| wikitext2 | failed | 30 ± 2 | 20 ± 2 |"
     result = _report(path, "--where", "recover.data=squad", "--format", "json")
     cells = [r["cell"] for r in json.loads(result.output)["rows"]]
-    assert cells == ["dense", "baseline", "exp1", "exp2"]
+    assert list(dict.fromkeys(cells)) == ["dense", "baseline", "exp1", "exp2"]
 
 
 def test_bad_report_requests(store, workspace):
@@ -211,3 +233,182 @@ def test_a_data_mix_shares_the_data_column():
     assert [line[0] for line in body] == sorted(["wikitext2", "squad", mix])
     only_mix = build(rows, "t", ["m"], "base", where={"prune.calibration.data": mix})
     assert [r.cell for r in only_mix.rows] == ["base", "mixed"]
+
+
+# --- paired comparisons from logged per-example scores -------------------------------------------
+
+PAIRED_MATRIX = """name: paired
+model: tiny-llama
+data_dir: builtin
+defaults:
+  prune: {method: magnitude, sparsity: 0.5}
+  recover: {method: none}
+  evaluate: {perplexity: {data: wikitext2, seqlen: 64}, tasks: [boolq], limit: 100}
+experiments:
+  baseline: {prune.sparsity: 0.5}
+  gains: {prune.sparsity: 0.4}
+  noisy: {prune.sparsity: 0.45}
+  old: {prune.sparsity: 0.55}
+expect:
+  gains: {boolq.acc: better, wikitext2.ppl: better}
+  noisy: {boolq.acc: same}
+  old: {boolq.acc: worse}
+report: {baseline: baseline, metrics: [boolq.acc, wikitext2.ppl]}
+"""
+
+
+def _log_run(client, exp, parent, cell, params, metrics, examples=None, tags=None,
+             status="FINISHED", tmp=None):
+    run = client.create_run(exp, run_name=cell, tags={
+        "mlflow.parentRunId": parent, "sparselab.cell": cell,
+        "sparselab.data_source": "builtin", **(tags or {})}).info.run_id
+    for key, value in params.items():
+        client.log_param(run, key, value)
+    for name, value in metrics.items():
+        client.log_metric(run, name, value)
+    for role, scores in (examples or {}).items():
+        client.set_tag(run, f"sparselab.stage.{role}.key", role + "-key")
+        folder = scores.write(tmp / run / role)
+        client.log_artifact(run, str(folder), f"stages/{role}")
+    client.set_terminated(run, status)
+    return run
+
+
+def _boolq(correct: list[int]) -> ExampleScores:
+    scores = ExampleScores()
+    scores.add("boolq.acc", [f"boolq/doc/{i}" for i in range(len(correct))], correct,
+               full_score=1.0)
+    return scores
+
+
+def _ppl(window_nll: np.ndarray) -> ExampleScores:
+    scores = ExampleScores()
+    scores.add("wikitext2.ppl", [f"wikitext2/window/{i}" for i in range(len(window_nll))],
+               window_nll, "exp_mean")
+    return scores
+
+
+def _metrics(correct, nll) -> dict[str, float]:
+    p, n = np.mean(correct), len(correct)
+    return {"boolq.acc": float(p), "boolq.acc_stderr": float(np.sqrt(p * (1 - p) / (n - 1))),
+            "wikitext2.ppl": float(np.exp(np.mean(nll))),
+            "wikitext2.ppl_stderr": float(np.exp(np.mean(nll)) * np.std(nll, ddof=1)
+                                          / np.sqrt(len(nll)))}
+
+
+@pytest.fixture
+def paired_store(workspace):
+    """baseline; `gains` answers 9 more questions right and none wrong (McNemar p = 2/512) and has
+    every window 0.02 nats better; `noisy` matches the baseline on every question; `old` was
+    logged before per-example scores existed; `relimited` was evaluated on a different limit."""
+    client = MlflowClient(f"sqlite:///{workspace}/mlflow.db")
+    exp = client.create_experiment("paired")
+    parent = client.create_run(exp, tags={"sparselab.invocation": "run"}).info.run_id
+    rng = np.random.default_rng(0)
+    base = [1] * 60 + [0] * 40
+    gains = base[:60] + [1] * 9 + [0] * 31
+    nll = rng.normal(3.0, 0.4, 40)
+    gains_nll = nll - 0.02 + rng.normal(0, 0.005, 40)
+    common = {"evaluate.limit": "100", "evaluate.tasks": "['boolq']",
+              "evaluate.perplexity.seqlen": "64"}
+    for cell, sparsity, correct, windows in [("dense", "0", base, nll),
+                                             ("baseline", "0.5", base, nll),
+                                             ("gains", "0.4", gains, gains_nll),
+                                             ("noisy", "0.45", base, nll)]:
+        _log_run(client, exp, parent, cell, {**common, "prune.sparsity": sparsity},
+                 _metrics(correct, windows),
+                 {"tasks": _boolq(correct), "perplexity": _ppl(windows)}, tmp=workspace)
+    _log_run(client, exp, parent, "old", {**common, "prune.sparsity": "0.55"},
+             _metrics(base[:30] + [0] * 70, nll), tmp=workspace)
+    return client, write(workspace / "paired.yaml", PAIRED_MATRIX)
+
+
+def test_paired_verdicts_from_logged_examples(paired_store):
+    _, path = paired_store
+    data = json.loads(_report(path, "--format", "json").output)
+    rows = {(r["cell"], r["metric"]): r for r in data["rows"]}
+    acc = rows["gains", "boolq.acc"]
+    direct = paired({f"boolq/doc/{i}": float(i < 60) for i in range(100)},
+                    {f"boolq/doc/{i}": float(i < 69) for i in range(100)}, full_score=1.0)
+    assert acc["test"] == "mcnemar" and acc["n"] == 100
+    assert acc["p_value"] == pytest.approx(2 / 2 ** 9) == pytest.approx(direct.p_value)
+    assert acc["ci_low"] == pytest.approx(direct.ci_low)
+    # the unpaired rule on the same two cells would not see it
+    unpaired_p = 2 * (1 - NormalDist().cdf(0.09 / np.hypot(rows["gains", "boolq.acc"]["stderr"],
+                                                          rows["baseline", "boolq.acc"]["stderr"])))
+    assert unpaired_p > 0.15
+    assert acc["direction"] == "up" and acc["quality"] == "better"
+    ppl = rows["gains", "wikitext2.ppl"]
+    assert ppl["test"] == "permutation" and ppl["n"] == 40 and ppl["delta"] < 0
+    assert ppl["p_value"] < 0.001 and ppl["quality"] == "better"
+    same = rows["noisy", "boolq.acc"]  # identical answers: equivalent within 0.02
+    assert same["direction"] == "same" and same["ci_high"] < 0.02
+    old = rows["old", "boolq.acc"]  # no per-example scores: the labelled unpaired rule
+    assert old["test"] == "unpaired-z" and data["unpaired_cells"] == ["old"]
+    verdicts = {(v["cell"], v["metric"]): v["verdict"] for v in data["expectations"]}
+    assert verdicts == {("gains", "boolq.acc"): "agrees", ("gains", "wikitext2.ppl"): "agrees",
+                        ("noisy", "boolq.acc"): "agrees", ("old", "boolq.acc"): "agrees"}
+    # Holm over the four tested hypotheses
+    raw = [rows[k]["p_value"] for k in [("gains", "boolq.acc"), ("gains", "wikitext2.ppl"),
+                                        ("noisy", "boolq.acc"), ("old", "boolq.acc")]]
+    adjusted = [rows[k]["p_adjusted"] for k in [("gains", "boolq.acc"), ("gains", "wikitext2.ppl"),
+                                                ("noisy", "boolq.acc"), ("old", "boolq.acc")]]
+    assert adjusted == pytest.approx(adjust(raw, "holm"))
+
+
+def test_correction_and_alpha_come_from_the_matrix(paired_store, workspace):
+    """At alpha 0.001 the 9-of-9 McNemar gain (p = 0.0039, 0.0078 after Benjamini-Hochberg) is
+    no longer shown, and the report says how many questions would show it."""
+    _, path = paired_store
+    strict = write(workspace / "strict.yaml", PAIRED_MATRIX.replace(
+        "report: {baseline: baseline,", "report: {alpha: 0.001, correction: bh, baseline: baseline,"))
+    data = json.loads(_report(strict, "--format", "json").output)
+    assert data["alpha"] == 0.001 and data["correction"] == "bh"
+    acc = next(r for r in data["rows"] if (r["cell"], r["metric"]) == ("gains", "boolq.acc"))
+    assert acc["direction"] == "unresolved" and acc["verdict"] == "inconclusive"
+    tested = [r for r in data["rows"] if r["expected"] and r["p_value"] is not None]
+    assert acc["p_adjusted"] == pytest.approx(
+        adjust([r["p_value"] for r in tested], "bh")[tested.index(acc)])
+    assert acc["p_adjusted"] > 0.001
+    assert acc["n_needed"] > 100 and acc["mde"] > 0.09
+    md = _report(strict, "--format", "md").output
+    assert f"this Δ needs ~{acc['n_needed']} examples" in md
+
+
+def test_cells_evaluated_differently_are_not_compared(paired_store):
+    """A cell re-evaluated at limit 6 is not shown ↑ against cells at limit 4."""
+    client, path = paired_store
+    exp = client.get_experiment_by_name("paired").experiment_id
+    parent = client.create_run(exp, tags={"sparselab.invocation": "run"}).info.run_id
+    _log_run(client, exp, parent, "gains", {"evaluate.limit": "6", "evaluate.tasks": "['boolq']",
+                                           "evaluate.perplexity.seqlen": "64",
+                                           "prune.sparsity": "0.4"},
+             {"boolq.acc": 1.0, "boolq.acc_stderr": 0.0, "wikitext2.ppl": 10.0},
+             {"tasks": _boolq([1] * 6)}, tmp=client and path.parent)
+    data = json.loads(_report(path, "--format", "json").output)
+    acc = next(r for r in data["rows"] if (r["cell"], r["metric"]) == ("gains", "boolq.acc"))
+    assert acc["delta"] is None and acc["direction"] is None
+    assert "evaluated differently: evaluate.limit 6 vs 100" in acc["note"]
+    verdict = next(v for v in data["expectations"] if v["cell"] == "gains"
+                   and v["metric"] == "boolq.acc")
+    assert verdict["verdict"] == "inconclusive" and "evaluate.limit" in verdict["reason"]
+    assert "not comparable" in _report(path, "--format", "md").output
+    # --all shows both runs of the cell, the newest first
+    every = json.loads(_report(path, "--format", "json", "--all").output)
+    gains_runs = list(dict.fromkeys(r["run_id"] for r in every["rows"] if r["cell"] == "gains"))
+    values = [r["value"] for r in every["rows"] if r["cell"] == "gains" and r["metric"] == "boolq.acc"]
+    assert len(gains_runs) == 2 and values == [1.0, 0.69]
+
+
+def test_tidy_csv_and_json_round_trip_through_pandas(paired_store):
+    _, path = paired_store
+    from_csv = pd.read_csv(io.StringIO(_report(path, "--format", "csv").output))
+    from_json = pd.DataFrame(json.loads(_report(path, "--format", "json").output)["rows"])
+    assert len(from_csv) == len(from_json) == 5 * 2
+    assert from_csv.groupby(["cell", "metric"]).size().max() == 1  # one row per cell x metric
+    for column in ("value", "stderr", "delta", "ci_low", "ci_high", "p_value", "p_adjusted"):
+        assert pd.api.types.is_float_dtype(from_csv[column]), column
+        pd.testing.assert_series_equal(from_csv[column], from_json[column].astype(float),
+                                       check_names=False)
+    assert not from_csv.astype(str).apply(lambda col: col.str.contains("±")).any().any()
+    assert set(from_csv["verdict"].dropna()) == {"agrees"}

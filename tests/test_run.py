@@ -77,6 +77,31 @@ def test_smoke_matrix_end_to_end(workspace):
     assert "stages/recover/loss_curve.png" in {
         a.path for a in client.list_artifacts(exp2.info.run_id, "stages/recover")}
 
+    # per-example scores of every evaluation stage: they add up to the logged metrics
+    from sparselab.evaluate.examples import ExampleScores
+    for role, metric in [("perplexity", "wikitext2.ppl"), ("perplexity_pruned", "wikitext2.ppl"),
+                         ("tasks", "boolq.acc"), ("tasks", "squadv2.f1"),
+                         ("tasks", "gsm8k.exact_match")]:
+        path = client.download_artifacts(exp2.info.run_id, f"stages/{role}/examples.json",
+                                         str(workspace / role))
+        scores = ExampleScores.read(path)
+        logged = metric.replace(".ppl", ".ppl_pruned") if role == "perplexity_pruned" else metric
+        assert scores.value(metric) == pytest.approx(metrics[logged], rel=1e-6), (role, metric)
+    windows = ExampleScores.read(workspace / "perplexity" / "examples.json").scores["wikitext2.ppl"]
+    assert list(windows)[:2] == ["wikitext2/window/0", "wikitext2/window/1"]
+    # so the report pairs every cell, and its JSON carries a test for every comparison
+    report = CliRunner().invoke(main, ["report", str(SMOKE), "--format", "json"])
+    assert report.exit_code == 0, report.output
+    import json
+    data = json.loads(report.output)
+    assert data["paired"] is True and data["expectations"]
+    compared = [r for r in data["rows"] if r["cell"] != "baseline" and r["metric"] != "sparsity.linear"
+                and r["value"] is not None]
+    assert compared and all(r["test"] in ("mcnemar", "permutation") and r["p_value"] is not None
+                            and r["ci_low"] <= r["delta"] <= r["ci_high"] for r in compared)
+    same_prune = next(v for v in data["expectations"] if v["cell"] == "exp1")
+    assert same_prune["verdict"] == "agrees"  # exp1 shares baseline's pruned model
+
     # a second run skips every finished cell and does no model work
     entries = _entries(workspace)
     again = CliRunner().invoke(main, ["run", str(SMOKE)])

@@ -21,17 +21,22 @@ import torch
 from sparselab.recover.prompts import IGNORE, collate, task_example
 
 
+SCORES = ("answer", "answer_text", "answer_eos")
+
+
 @torch.no_grad()
-def answer_loss(model, tokenizer, examples: list[tuple[str, str]], seqlen: int,
-                batch_size: int = 8) -> dict[str, float]:
-    """`examples` are (prompt, answer) pairs; returns mean, stderr, examples and answer tokens."""
+def example_losses(model, tokenizer, examples: list[tuple[str, str]], seqlen: int,
+                   batch_size: int = 8) -> tuple[dict[str, dict[int, float]], int]:
+    """Each example's mean loss per token of the answer, of its text and of its closing eos,
+    keyed by the example's index in `examples` (an example without such tokens has no entry);
+    and the number of answer tokens scored."""
     if not examples:
         raise ValueError("no evaluation examples to score")
     rendered = [task_example(tokenizer, prompt, answer, seqlen) for prompt, answer in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    losses: dict[str, list[float]] = {"answer": [], "answer_text": [], "answer_eos": []}
+    losses: dict[str, dict[int, float]] = {name: {} for name in SCORES}
     tokens = 0
     for start in range(0, len(rendered), batch_size):
         batch = {k: v.to(device) for k, v in
@@ -46,16 +51,28 @@ def answer_loss(model, tokenizer, examples: list[tuple[str, str]], seqlen: int,
         last = (scored * positions).argmax(dim=1, keepdim=True)  # the closing eos, if kept
         eos = (positions == last) & (labels == tokenizer.eos_token_id) & scored
         text = scored & ~eos
-        for name, mask in (("answer", scored), ("answer_text", text), ("answer_eos", eos)):
+        for name, mask in zip(SCORES, (scored, text, eos)):
             counts = mask.sum(dim=1)
             means = (loss * mask).sum(dim=1) / counts.clamp(min=1)
-            losses[name] += [m for m, c in zip(means.tolist(), counts.tolist()) if c > 0]
+            losses[name].update((start + i, m) for i, (m, c)
+                                in enumerate(zip(means.tolist(), counts.tolist())) if c > 0)
         tokens += int(scored.sum())
+    return losses, tokens
+
+
+def summarise(losses: dict[str, dict[int, float]], tokens: int) -> dict[str, float]:
+    """Mean and standard error of each score over examples, examples and answer tokens."""
     result = {"answer_examples": float(len(losses["answer"])), "answer_tokens": float(tokens)}
     for name, values in losses.items():
         if values:
-            result.update(_mean_and_stderr(name + "_nll", values))
+            result.update(_mean_and_stderr(name + "_nll", list(values.values())))
     return result
+
+
+def answer_loss(model, tokenizer, examples: list[tuple[str, str]], seqlen: int,
+                batch_size: int = 8) -> dict[str, float]:
+    """`examples` are (prompt, answer) pairs; returns mean, stderr, examples and answer tokens."""
+    return summarise(*example_losses(model, tokenizer, examples, seqlen, batch_size))
 
 
 def _mean_and_stderr(name: str, values: list[float]) -> dict[str, float]:

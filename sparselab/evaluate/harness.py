@@ -39,6 +39,7 @@ except ImportError:  # older lm-eval keeps it in lm_eval.api.task
 
 from sparselab.data.catalog import DataSource
 from sparselab.evaluate import squad_v2
+from sparselab.evaluate.examples import ExampleScores, example_id
 from sparselab.evaluate.tasks import SQUADV2, TaskSpec, check_tasks, metric_name, task_spec
 from sparselab.registry import DATASETS
 
@@ -247,6 +248,24 @@ def extract_metrics(results: dict[str, Any], tasks: list[str]) -> dict[str, floa
     return metrics
 
 
+def example_scores(results: dict[str, Any], tasks: list[str]) -> ExampleScores:
+    """Each logged sample's numeric scores under our metric names, keyed `<task>/doc/<doc_id>`
+    (a metric a sample lacks, e.g. HasAns_f1 of an unanswerable question, is left out). lm-eval
+    scores lie in [0, 1], our SQuAD v2 scorer's in percent."""
+    scores = ExampleScores()
+    for name in tasks:
+        spec = task_spec(name)
+        for row in (results.get("samples") or {}).get(name, []):
+            for metric in row["metrics"]:
+                value = row.get(metric)
+                ours = metric_name(spec, f"{metric},{row['filter']}")
+                if ours is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                scores.add(ours, [example_id(name, "doc", row["doc_id"])], [value],
+                           full_score=100.0 if spec is SQUADV2 else 1.0)
+    return scores
+
+
 def write_artifacts(results: dict[str, Any], artifacts: Path) -> list[Path]:
     """lm-eval's results JSON and one per-sample jsonl per task, as its command line writes them."""
     from lm_eval.utils import handle_non_serializable, hash_string, sanitize_list
@@ -298,4 +317,5 @@ def evaluate_tasks(loaded, cell, source: DataSource, artifacts: Path,
                               limit=ev.limit, batch_size=ev.batch_size, seed=seed,
                               gen_kwargs=gen_kwargs)
     write_artifacts(results, artifacts)
+    example_scores(results, ev.tasks).write(artifacts)
     return extract_metrics(results, ev.tasks)

@@ -13,8 +13,9 @@ import torch
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, seqlen: int, batch_size: int = 4,
-               max_windows: int | None = None) -> dict[str, float]:
+def window_losses(model, tokenizer, text: str, seqlen: int, batch_size: int = 4,
+                  max_windows: int | None = None) -> list[float]:
+    """The mean next-token loss of each window, in order (the per-example scores of perplexity)."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     windows = ids.numel() // seqlen
     if max_windows is not None:
@@ -24,16 +25,28 @@ def perplexity(model, tokenizer, text: str, seqlen: int, batch_size: int = 4,
                          f"of seqlen {seqlen}")
     ids = ids[: windows * seqlen].view(windows, seqlen)
     device = next(model.parameters()).device
-    window_nll = []  # mean next-token loss of each window
+    window_nll = []
     for start in range(0, windows, batch_size):
         batch = ids[start:start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), batch[:, 1:], reduction="none")
         window_nll += loss.mean(dim=1).tolist()
+    return window_nll
+
+
+def summarise(window_nll: list[float], seqlen: int) -> dict[str, float]:
+    """Perplexity, its standard error (delta method over the windows), tokens and windows."""
+    windows = len(window_nll)
     nll = torch.tensor(window_nll, dtype=torch.float64)
     ppl = math.exp(nll.mean().item())
     result = {"ppl": ppl, "tokens": float(windows * (seqlen - 1)), "windows": float(windows)}
     if windows > 1:
         result["ppl_stderr"] = ppl * nll.std().item() / math.sqrt(windows)
     return result
+
+
+def perplexity(model, tokenizer, text: str, seqlen: int, batch_size: int = 4,
+               max_windows: int | None = None) -> dict[str, float]:
+    return summarise(window_losses(model, tokenizer, text, seqlen, batch_size, max_windows),
+                     seqlen)

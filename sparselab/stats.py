@@ -1,0 +1,197 @@
+"""Paired comparisons of two cells scored on the same examples, and multiple-testing corrections.
+
+Every cell of a matrix answers the same questions and is scored on the same perplexity windows,
+so a difference between two cells is judged on the examples both scored (`paired`):
+
+- 0/1 scores (accuracy, exact match; any metric whose scores take two values, 0 and its full
+  score) get the exact McNemar test: under no difference, each discordant example is a fair coin.
+- graded scores (F1, answer loss, window loss) get a paired permutation test: under no
+  difference, the two cells' scores of an example are exchangeable, so each pair is swapped
+  with probability 1/2 (all 2^n swaps when that is at most `resamples`, else a seeded sample).
+- Δ's confidence interval: for 0/1 scores the Agresti–Min interval of a paired difference of
+  proportions; otherwise a paired bootstrap (examples resampled together, seeded), for any
+  aggregate (a mean, or perplexity's exp of the mean window loss).
+
+`unpaired` is the fallback for runs without per-example scores: a z-test on the two standard
+errors, refused when either is zero (a zero standard error says nothing about the noise).
+
+Each comparison also says what it could resolve: `mde` is the smallest |Δ| detectable with 80%
+power at `alpha` with the examples it has, and `n_needed` how many examples would make the
+observed Δ detectable (both by the normal approximation on Δ's standard error; for 0/1 scores
+the exact test also needs enough discordant examples).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Literal
+
+import numpy as np
+
+from sparselab.evaluate.examples import Aggregate
+
+POWER = 0.8
+RESAMPLES = 10_000
+Correction = Literal["holm", "bh", "none"]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Δ = cell − baseline with its (1 − alpha) confidence interval and two-sided p-value."""
+    delta: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    se: float  # standard error of Δ
+    test: str  # mcnemar | permutation | unpaired-z
+    n: int | None  # examples both cells scored (None: unpaired)
+    mde: float | None  # smallest |Δ| detectable at 80% power (None: no spread to judge by)
+    n_needed: int | None  # examples that would detect the observed Δ at 80% power
+
+    @property
+    def paired(self) -> bool:
+        return self.n is not None
+
+
+def _z(alpha: float) -> float:
+    return NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(POWER)
+
+
+def mcnemar_exact(worse: int, better: int) -> float:
+    """Two-sided exact McNemar p-value from the two discordant counts (binomial, p = 1/2)."""
+    n = worse + better
+    if n == 0:
+        return 1.0
+    k = min(worse, better)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def mcnemar_min_discordant(alpha: float) -> int:
+    """The fewest discordant examples (all one way) with which the exact test can reach alpha."""
+    return math.ceil(math.log2(2 / alpha))
+
+
+def _aggregate(values: np.ndarray, how: Aggregate) -> np.ndarray:
+    mean = values.mean(axis=-1)
+    return np.exp(mean) if how == "exp_mean" else mean
+
+
+def _agresti_min(worse: int, better: int, n: int, alpha: float) -> tuple[float, float, float]:
+    """Interval and standard error of a paired difference of proportions, (better − worse)/n:
+    the Wald interval after adding 1/2 to each of the four agreement counts (Agresti & Min
+    2005), which stays honest when no example is discordant (the plain interval is [0, 0])."""
+    b, c, m = worse + 0.5, better + 0.5, n + 2
+    centre = (c - b) / m
+    se = math.sqrt(max(b + c - (c - b) ** 2 / m, 0.0)) / m
+    half = NormalDist().inv_cdf(1 - alpha / 2) * se
+    return centre - half, centre + half, se
+
+
+def _binary_scale(a: np.ndarray, b: np.ndarray, full_score: float | None) -> float | None:
+    """s when every score is 0 or s (s > 0: `full_score` where known), else None."""
+    values = np.unique(np.concatenate([a, b]))
+    nonzero = values[values != 0]
+    if len(nonzero) == 0:  # nothing hit: a 0/1 score only if its full score is known
+        return full_score
+    if len(nonzero) == 1 and nonzero[0] > 0 and nonzero[0] == (full_score or nonzero[0]):
+        return float(nonzero[0])
+    return None
+
+
+def _permutation_p(a: np.ndarray, b: np.ndarray, how: Aggregate, observed: float,
+                   rng: np.random.Generator, resamples: int) -> float:
+    n = len(a)
+    exact = n <= math.floor(math.log2(resamples))
+    if exact:  # every assignment of swaps
+        swaps = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1).astype(bool)
+    else:
+        swaps = rng.random((resamples, n)) < 0.5
+    stats = _aggregate(np.where(swaps, a, b), how) - _aggregate(np.where(swaps, b, a), how)
+    tolerance = 1e-12 * max(1.0, abs(observed))
+    extreme = int(np.sum(np.abs(stats) >= abs(observed) - tolerance))
+    return extreme / len(swaps) if exact else (extreme + 1) / (resamples + 1)
+
+
+def _bootstrap(a: np.ndarray, b: np.ndarray, how: Aggregate, rng: np.random.Generator,
+               resamples: int, chunk: int = 1000) -> np.ndarray:
+    n = len(a)
+    out = []
+    for start in range(0, resamples, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+        out.append(_aggregate(b[idx], how) - _aggregate(a[idx], how))
+    return np.concatenate(out)
+
+
+def paired(base: dict[str, float], cell: dict[str, float], how: Aggregate = "mean", *,
+           full_score: float | None = None, alpha: float = 0.05, seed: int = 0,
+           resamples: int = RESAMPLES) -> Comparison | None:
+    """Compare two cells' per-example scores on the examples both have (None: none shared).
+    `full_score`: the score of a hit when the metric is bounded (1, or 100 for percentages)."""
+    ids = sorted(base.keys() & cell.keys())
+    if not ids:
+        return None
+    a = np.array([base[i] for i in ids], dtype=np.float64)
+    b = np.array([cell[i] for i in ids], dtype=np.float64)
+    n = len(ids)
+    rng = np.random.default_rng(seed)
+    delta = float(_aggregate(b, how) - _aggregate(a, how))
+    fewest = mcnemar_min_discordant(alpha)  # also the fewest pairs a permutation test needs
+    scale = _binary_scale(a, b, full_score) if how == "mean" else None
+    if scale is not None:
+        worse, better = int(np.sum(a > b)), int(np.sum(b > a))
+        p_value, test = mcnemar_exact(worse, better), "mcnemar"
+        low, high, se = _agresti_min(worse, better, n, alpha)
+        low, high, se = scale * low, scale * high, scale * se
+        floor = scale * fewest / n if fewest <= n else math.inf
+    else:
+        p_value, test = _permutation_p(a, b, how, delta, rng, resamples), "permutation"
+        boot = _bootstrap(a, b, how, rng, resamples)
+        low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+        se = float(boot.std(ddof=1)) if n > 1 else 0.0
+        if se < 1e-9 * max(1.0, abs(delta), float(np.abs(a).max())):
+            se = 0.0  # a constant difference: the bootstrap's spread is rounding
+        floor = math.inf if n < fewest else 0.0
+    mde = max(_z(alpha) * se, floor) if se > 0 or floor > 0 else None
+    n_needed = None
+    if delta != 0 and (se > 0 or n < fewest):
+        n_needed = max(fewest, math.ceil(n * (_z(alpha) * se / abs(delta)) ** 2))
+    return Comparison(delta, float(min(low, delta)), float(max(high, delta)), p_value, se,
+                      test, n, mde, n_needed)
+
+
+def unpaired(value: float, se: float | None, ref: float, se_ref: float | None, *,
+             alpha: float = 0.05) -> Comparison | None:
+    """A z-test on independent standard errors; None when either is missing or zero."""
+    if se is None or se_ref is None or se <= 0 or se_ref <= 0:
+        return None
+    delta = value - ref
+    noise = math.sqrt(se ** 2 + se_ref ** 2)
+    half = NormalDist().inv_cdf(1 - alpha / 2) * noise
+    p_value = 2 * (1 - NormalDist().cdf(abs(delta) / noise))
+    return Comparison(delta, delta - half, delta + half, p_value, noise, "unpaired-z", None,
+                      _z(alpha) * noise, None)
+
+
+def adjust(p_values: list[float], method: Correction = "holm") -> list[float]:
+    """Family-wise (Holm) or false-discovery-rate (Benjamini–Hochberg) adjusted p-values."""
+    m = len(p_values)
+    if method == "none" or m == 0:
+        return list(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    if method == "holm":
+        running = 0.0
+        for rank, i in enumerate(order):
+            running = max(running, min(1.0, (m - rank) * p_values[i]))
+            adjusted[i] = running
+    elif method == "bh":
+        running = 1.0
+        for rank in range(m - 1, -1, -1):
+            i = order[rank]
+            running = min(running, m * p_values[i] / (rank + 1))
+            adjusted[i] = min(1.0, running)
+    else:
+        raise ValueError(f"unknown correction '{method}' (holm, bh, none)")
+    return adjusted
