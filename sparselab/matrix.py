@@ -10,6 +10,7 @@ import copy
 import hashlib
 import itertools
 import json
+import random
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -178,11 +179,27 @@ class Perplexity(Strict):
     _data = field_validator("data")(classmethod(lambda cls, v: _check_dataset(v)))
 
 
+# Which `limit` examples are scored: the first N (lm-eval's `limit`), or N drawn at random with
+# the seed, in split order. SQuAD v2 dev is grouped by article, so its first N are a few articles.
+Sample = Literal["first", "random"]
+
+
+def sample_indices(total: int, limit: int | None, sample: str, seed: int) -> list[int]:
+    """The indices of the examples a `limit` and `sample` setting score, in split order."""
+    if limit is None or limit >= total:
+        return list(range(total))
+    if sample == "random":
+        return sorted(random.Random(seed).sample(range(total), limit))
+    return list(range(limit))
+
+
 class AnswerLoss(Strict):
     """`evaluate.answer_loss`: mean loss on the gold answers of task datasets' evaluation splits
     (sparselab.evaluate.answer_loss), for tasks whose accuracy cannot separate the cells."""
     data: list[str] = ["squad", "gsm8k", "boolq"]
-    limit: PositiveInt | None = 200  # the first N examples of the evaluation split; None: all
+    limit: PositiveInt | None = 200  # N examples of the evaluation split; None: all
+    sample: Sample = "first"  # which N: see Evaluate.sample
+    seed: int = 0  # of sample: random
     seqlen: PositiveInt = 512
     batch_size: PositiveInt = 8
 
@@ -199,6 +216,7 @@ class Evaluate(Strict):
     answer_loss: AnswerLoss | None = None
     tasks: list[str] = ["squadv2", "gsm8k", "boolq"]
     limit: PositiveInt | None = 200
+    sample: Sample = "first"  # which `limit` documents of each task (seeded by `seed`)
     num_fewshot: NonNegativeInt | None = None  # None: each task's lm-eval default
     batch_size: PositiveInt = 8
     # Overrides the tasks' generation settings (e.g. {max_gen_toks: 16} for smoke runs). It
@@ -309,6 +327,18 @@ class Matrix(Strict):
             if not values:
                 raise ValueError(f"grid key '{key}' has no values")
         return grid
+
+    @field_validator("expect")
+    @classmethod
+    def _expect(cls, expect: dict[str, dict[str, str]]):
+        """better/worse needs a metric with a better side (not sparsity or parameter counts)."""
+        from sparselab.report import orientation
+        for cell, expectations in expect.items():
+            for metric, direction in expectations.items():
+                if direction in ("better", "worse") and orientation(metric) == 0:
+                    raise ValueError(f"'{cell}: {metric}: {direction}': {metric} has no better "
+                                     "or worse side; expect up, down or same")
+        return expect
 
 
 DENSE = "dense"

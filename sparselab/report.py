@@ -232,6 +232,10 @@ def compare(row: Row, base: Row, metric: str, spec: ReportSpec | None = None
         return Refusal("evaluated differently: " + "; ".join(
             f"{k.removeprefix('tag:')} {a if a is not None else '(unset)'} vs "
             f"{b if b is not None else '(unset)'}" for k, (a, b) in sorted(differs.items())))
+    prints = [r.examples.fingerprint.get(metric) if r.examples else None for r in (row, base)]
+    if None not in prints and prints[0] != prints[1]:
+        return Refusal(f"scored on different examples (data fingerprint {prints[0][:8]} vs "
+                       f"{prints[1][:8]})")
     margin = margin_of(metric, ref, spec)
     scores, ref_scores = row.scores(metric), base.scores(metric)
     comparison = None

@@ -19,7 +19,7 @@ import yaml
 from sparselab.cache import Entry, StageCache
 from sparselab.data.catalog import DataSource
 from sparselab.evaluate.examples import role_metric
-from sparselab.matrix import Cell
+from sparselab.matrix import Cell, sample_indices
 from sparselab.models import (LoadedModel, compute_device_name, load_model, model_source,
                               save_model)
 from sparselab.registry import DATASETS, PRUNING, RECOVERY
@@ -157,16 +157,16 @@ def compute_recover(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path
 
 
 def compute_perplexity(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) -> None:
-    from sparselab.evaluate.examples import ExampleScores, example_id
-    from sparselab.evaluate.perplexity import summarise, window_losses
+    from sparselab.evaluate.examples import ExampleScores, example_id, fingerprint
+    from sparselab.evaluate.perplexity import summarise, window_losses, windows_of
     ppl = plan.cell.config.evaluate.perplexity
     dataset = DATASETS.get(ppl.data)()
     text = dataset.text(plan.source, dataset.eval_split)
-    nll = window_losses(loaded.model, loaded.tokenizer, text, ppl.seqlen, ppl.batch_size,
-                        ppl.max_windows)
+    windows = windows_of(loaded.tokenizer, text, ppl.seqlen, ppl.max_windows)
+    nll = window_losses(loaded.model, windows, ppl.batch_size)
     scores = ExampleScores()
     scores.add(f"{ppl.data}.ppl", (example_id(ppl.data, "window", i) for i in range(len(nll))),
-               nll, "exp_mean")
+               nll, "exp_mean", fingerprint=fingerprint(windows.numpy().tobytes()))
     scores.write(out / "artifacts")
     result = summarise(nll, ppl.seqlen)
     metrics = {f"{ppl.data}.ppl": result["ppl"], f"{ppl.data}.ppl_tokens": result["tokens"]}
@@ -177,19 +177,23 @@ def compute_perplexity(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: P
 
 def compute_answer_loss(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) -> None:
     from sparselab.evaluate.answer_loss import example_losses, summarise
-    from sparselab.evaluate.examples import ExampleScores, example_id
+    from sparselab.evaluate.examples import ExampleScores, example_id, fingerprint
     cfg = plan.cell.config.evaluate.answer_loss
     metrics = {}
     scores = ExampleScores()
     for name in cfg.data:
         dataset = DATASETS.get(name)()
-        examples = dataset.examples(plan.source, dataset.eval_split)[:cfg.limit]
+        split = dataset.examples(plan.source, dataset.eval_split)
+        indices = sample_indices(len(split), cfg.limit, cfg.sample, cfg.seed)
+        examples = [split[i] for i in indices]
         losses, tokens = example_losses(loaded.model, loaded.tokenizer, examples, cfg.seqlen,
                                         cfg.batch_size)
         metrics.update({f"{name}.{key}": value for key, value in summarise(losses, tokens).items()})
-        for score, values in losses.items():
-            scores.add(f"{name}.{score}_nll", (example_id(name, "example", i) for i in values),
-                       values.values())
+        scored = fingerprint(json.dumps(examples).encode())
+        for score, values in losses.items():  # keyed by the example's index in the split
+            scores.add(f"{name}.{score}_nll",
+                       (example_id(name, "example", indices[i]) for i in values),
+                       values.values(), fingerprint=scored)
     scores.write(out / "artifacts")
     _write_metrics(out, metrics)
 

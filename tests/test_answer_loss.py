@@ -79,6 +79,27 @@ def test_answer_loss_stage_logs_metrics_and_keeps_other_keys(workspace):
                  "time.evaluate_s"):
         assert name in run.data.metrics, name
     assert run.data.metrics["gsm8k.answer_examples"] == 3
+    # per-example losses, keyed by the example's place in the split, add up to the metric
+    from sparselab.evaluate.examples import ExampleScores
+    scores = ExampleScores.read(client.download_artifacts(
+        run.info.run_id, "stages/answer_loss/examples.json", str(workspace)))
+    assert list(scores.scores["gsm8k.answer_nll"]) == [f"gsm8k/example/{i}" for i in range(3)]
+    for name in ("gsm8k.answer_nll", "squad.answer_text_nll", "squad.answer_eos_nll"):
+        assert scores.value(name) == pytest.approx(run.data.metrics[name]), name
+    # sample: random scores seeded examples of the split, under their own indices
+    from sparselab.matrix import sample_indices
+    drawn = write(workspace / "r.yaml", MATRIX.replace("limit: 3,", "limit: 3, sample: random,"
+                                                       " seed: 1,").replace("answers", "drawn"))
+    assert CliRunner().invoke(main, ["run", str(drawn)]).exit_code == 0
+    exp = client.get_experiment_by_name("drawn")
+    run = next(r for r in client.search_runs([exp.experiment_id])
+               if r.data.tags.get("sparselab.cell") == "a")
+    scores = ExampleScores.read(client.download_artifacts(
+        run.info.run_id, "stages/answer_loss/examples.json", str(workspace / "drawn")))
+    total = len(DATASETS.get("gsm8k")().examples(resolve_data_dir("builtin"), "test"))
+    assert list(scores.scores["gsm8k.answer_nll"]) == [
+        f"gsm8k/example/{i}" for i in sample_indices(total, 3, "random", 1)] != [
+        f"gsm8k/example/{i}" for i in range(3)]
     # a different answer_loss limit changes only the answer_loss stage
     def keys(text):
         cell = expand(load_matrix(write(workspace / "k.yaml", text)))[0]

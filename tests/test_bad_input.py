@@ -48,6 +48,11 @@ CASES = {
                         ["N:M pattern '4:2' needs 0 < N < M"]),
     "empty grid": (GOOD + "grid:\n  prune.sparsity: []\n", ["grid key 'prune.sparsity' has no values"]),
     "not a mapping": ("- a\n- b\n", ["must be a YAML mapping"]),
+    "better without a better side": (GOOD + "expect:\n  a: {sparsity.linear: better}\n",
+                                     ["sparsity.linear has no better or worse side", "expect"]),
+    "bad margin": (GOOD + "report: {margin: {boolq.acc: lots}}\n",
+                   ["margin of 'boolq.acc' is 'lots'", "'5%'", "report"]),
+    "bad alpha": (GOOD + "report: {alpha: 1.5}\n", ["report.alpha", "less than 1"]),
 }
 
 

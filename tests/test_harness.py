@@ -294,3 +294,31 @@ def test_check_tasks_offline_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
     check_tasks(cell_for(["boolq", "hellaswag"]), hub)  # online: can't know, so allowed
+
+
+def test_per_example_scores_add_up_to_lm_evals_metrics(run):
+    from sparselab.evaluate.examples import ExampleScores
+    metrics, artifacts = run
+    scores = ExampleScores.read(artifacts / "examples.json")
+    for name in ("boolq.acc", "gsm8k.exact_match", "gsm8k.exact_match_strict", "squadv2.f1",
+                 "squadv2.exact", "squadv2.HasAns_f1", "squadv2.NoAns_exact"):
+        assert scores.value(name) == pytest.approx(metrics[name]), name
+    assert set(scores.scores["boolq.acc"]) == {f"boolq/doc/{i}" for i in range(LIMIT)}
+    assert scores.full_score["squadv2.f1"] == 100.0 and scores.full_score["boolq.acc"] == 1.0
+    assert len(set(scores.fingerprint[m] for m in ("boolq.acc", "squadv2.f1"))) == 2
+
+
+def test_random_sample_scores_seeded_documents(tiny_loaded, data_dir, tmp_path):
+    """`evaluate.sample: random` scores `limit` documents drawn with the seed, not the first."""
+    from sparselab.evaluate.examples import ExampleScores
+    from sparselab.evaluate.harness import evaluate_tasks
+    from sparselab.matrix import sample_indices
+    cell = cell_for(["boolq"], limit=3, sample="random", seed=5)
+    metrics = evaluate_tasks(tiny_loaded, cell, data_dir, tmp_path)
+    drawn = sample_indices(6, 3, "random", 5)
+    assert drawn != [0, 1, 2] and drawn == sorted(drawn)
+    scores = ExampleScores.read(tmp_path / "examples.json")
+    assert set(scores.scores["boolq.acc"]) == {f"boolq/doc/{i}" for i in drawn}
+    assert scores.value("boolq.acc") == pytest.approx(metrics["boolq.acc"])
+    assert sample_indices(6, 3, "first", 5) == [0, 1, 2]
+    assert sample_indices(6, None, "random", 5) == list(range(6))

@@ -412,3 +412,17 @@ def test_tidy_csv_and_json_round_trip_through_pandas(paired_store):
                                        check_names=False)
     assert not from_csv.astype(str).apply(lambda col: col.str.contains("±")).any().any()
     assert set(from_csv["verdict"].dropna()) == {"agrees"}
+
+
+def test_cells_scored_on_different_data_are_not_paired(workspace):
+    """Same names, same settings, different text behind them (another data folder, another
+    tokenizer): the fingerprints differ and the Δ is refused."""
+    from sparselab.report import Refusal, Row, compare
+    a, b = _ppl(np.full(8, 3.0)), _ppl(np.full(8, 2.0))
+    a.fingerprint["wikitext2.ppl"], b.fingerprint["wikitext2.ppl"] = "aaaa1111", "bbbb2222"
+    rows = [Row(name, "FINISHED", name, {}, {"wikitext2.ppl": value}, examples=scores)
+            for name, value, scores in (("base", 20.1, a), ("cell", 7.4, b))]
+    refused = compare(rows[1], rows[0], "wikitext2.ppl")
+    assert isinstance(refused, Refusal) and "different examples" in refused.reason
+    b.fingerprint["wikitext2.ppl"] = "aaaa1111"
+    assert compare(rows[1], rows[0], "wikitext2.ppl").direction == "down"

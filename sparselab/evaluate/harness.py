@@ -39,8 +39,9 @@ except ImportError:  # older lm-eval keeps it in lm_eval.api.task
 
 from sparselab.data.catalog import DataSource
 from sparselab.evaluate import squad_v2
-from sparselab.evaluate.examples import ExampleScores, example_id
+from sparselab.evaluate.examples import ExampleScores, example_id, fingerprint
 from sparselab.evaluate.tasks import SQUADV2, TaskSpec, check_tasks, metric_name, task_spec
+from sparselab.matrix import sample_indices
 from sparselab.registry import DATASETS
 
 log = logging.getLogger("sparselab")
@@ -201,11 +202,14 @@ def prepare_tasks(names: list[str], source: DataSource, folder: Path,
 
 def run_lm_eval(loaded, tasks: list[str], include_path: Path, *, num_fewshot: int | None,
                 limit: int | None, batch_size: int, seed: int,
-                gen_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                gen_kwargs: dict[str, Any] | None = None, sample: str = "first"
+                ) -> dict[str, Any]:
     """`lm_eval.simple_evaluate` on the in-memory model; returns lm-eval's results (with samples).
 
     `gen_kwargs` overrides generation settings (tests use it to shorten generations); the stage
-    leaves it None so lm-eval's task defaults apply. Random states are restored afterwards.
+    leaves it None so lm-eval's task defaults apply. `sample: random` scores `limit` documents
+    of each task drawn with `seed` (lm-eval's `samples`) instead of the first `limit`. Random
+    states are restored afterwards.
     """
     import numpy as np
     import torch
@@ -219,11 +223,18 @@ def run_lm_eval(loaded, tasks: list[str], include_path: Path, *, num_fewshot: in
     cap = {"max_gen_toks": int(gen_kwargs["max_gen_toks"])} \
         if gen_kwargs and "max_gen_toks" in gen_kwargs else {}
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, **cap)
+    chosen = None
+    if sample == "random" and limit is not None:
+        from lm_eval.tasks import get_task_dict
+        sizes = {name: len(task.eval_docs) for name, task in
+                 get_task_dict(list(tasks), manager).items()}
+        chosen = {name: sample_indices(size, limit, sample, seed) for name, size in sizes.items()}
+        limit = None
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
             results = lm_eval.simple_evaluate(
-                model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, samples=chosen,
                 batch_size=batch_size, task_manager=manager, log_samples=True,
                 gen_kwargs=gen_kwargs, random_seed=seed, numpy_random_seed=seed,
                 torch_random_seed=seed, fewshot_random_seed=seed)
@@ -255,14 +266,17 @@ def example_scores(results: dict[str, Any], tasks: list[str]) -> ExampleScores:
     scores = ExampleScores()
     for name in tasks:
         spec = task_spec(name)
-        for row in (results.get("samples") or {}).get(name, []):
+        rows = (results.get("samples") or {}).get(name, [])
+        scored = fingerprint("".join(row["doc_hash"] + row["prompt_hash"] + row["target_hash"]
+                                     for row in rows).encode())  # lm-eval's task hash
+        for row in rows:
             for metric in row["metrics"]:
                 value = row.get(metric)
                 ours = metric_name(spec, f"{metric},{row['filter']}")
                 if ours is None or isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue
                 scores.add(ours, [example_id(name, "doc", row["doc_id"])], [value],
-                           full_score=100.0 if spec is SQUADV2 else 1.0)
+                           full_score=100.0 if spec is SQUADV2 else 1.0, fingerprint=scored)
     return scores
 
 
@@ -315,7 +329,7 @@ def evaluate_tasks(loaded, cell, source: DataSource, artifacts: Path,
                  ev.num_fewshot, source.label)
         results = run_lm_eval(loaded, ev.tasks, include, num_fewshot=ev.num_fewshot,
                               limit=ev.limit, batch_size=ev.batch_size, seed=seed,
-                              gen_kwargs=gen_kwargs)
+                              gen_kwargs=gen_kwargs, sample=ev.sample)
     write_artifacts(results, artifacts)
     example_scores(results, ev.tasks).write(artifacts)
     return extract_metrics(results, ev.tasks)

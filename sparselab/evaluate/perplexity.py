@@ -12,10 +12,9 @@ import math
 import torch
 
 
-@torch.no_grad()
-def window_losses(model, tokenizer, text: str, seqlen: int, batch_size: int = 4,
-                  max_windows: int | None = None) -> list[float]:
-    """The mean next-token loss of each window, in order (the per-example scores of perplexity)."""
+def windows_of(tokenizer, text: str, seqlen: int, max_windows: int | None = None
+               ) -> torch.Tensor:
+    """The text's tokens cut into (windows, seqlen), the ragged tail dropped."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     windows = ids.numel() // seqlen
     if max_windows is not None:
@@ -23,11 +22,16 @@ def window_losses(model, tokenizer, text: str, seqlen: int, batch_size: int = 4,
     if windows == 0:
         raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window "
                          f"of seqlen {seqlen}")
-    ids = ids[: windows * seqlen].view(windows, seqlen)
+    return ids[: windows * seqlen].view(windows, seqlen)
+
+
+@torch.no_grad()
+def window_losses(model, windows: torch.Tensor, batch_size: int = 4) -> list[float]:
+    """The mean next-token loss of each window, in order (the per-example scores of perplexity)."""
     device = next(model.parameters()).device
     window_nll = []
-    for start in range(0, windows, batch_size):
-        batch = ids[start:start + batch_size].to(device)
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start:start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), batch[:, 1:], reduction="none")
@@ -48,5 +52,5 @@ def summarise(window_nll: list[float], seqlen: int) -> dict[str, float]:
 
 def perplexity(model, tokenizer, text: str, seqlen: int, batch_size: int = 4,
                max_windows: int | None = None) -> dict[str, float]:
-    return summarise(window_losses(model, tokenizer, text, seqlen, batch_size, max_windows),
-                     seqlen)
+    windows = windows_of(tokenizer, text, seqlen, max_windows)
+    return summarise(window_losses(model, windows, batch_size), seqlen)
