@@ -414,6 +414,16 @@ def test_tidy_csv_and_json_round_trip_through_pandas(paired_store):
     assert set(from_csv["verdict"].dropna()) == {"agrees"}
 
 
+def test_better_and_worse_are_marked_in_every_format(paired_store):
+    _, path = paired_store
+    md = _report(path, "--format", "md").output
+    assert "↑ better" in md and "↓ better" in md  # accuracy up, perplexity down
+    html_text = _report(path, "--format", "html").output
+    assert "style='color:#1a7f37'>+0.09 ↑ better" in html_text
+    terminal = _report(path).output
+    assert "↑ better" in terminal and "agrees" in terminal
+
+
 def test_cells_scored_on_different_data_are_not_paired(workspace):
     """Same names, same settings, different text behind them (another data folder, another
     tokenizer): the fingerprints differ and the Δ is refused."""
