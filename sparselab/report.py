@@ -448,10 +448,11 @@ def fmt(value: float | None) -> str:
     return f"{value:.4g}" if abs(value) >= 100 else f"{value:.4f}".rstrip("0").rstrip(".")
 
 
-def fmt_p(p: float | None) -> str:
+def fmt_p(p: float | None, label: bool = True) -> str:
     if p is None:
         return ""
-    return "p<0.001" if p < 0.001 else f"p={p:.2g}"
+    text = "<0.001" if p < 0.001 else f"{p:.2g}"
+    return ("p" + ("" if text.startswith("<") else "=") + text) if label else text
 
 
 def change_text(metric: str, change: Change | Refusal | None, with_p: bool = True
@@ -520,8 +521,8 @@ def hypothesis_rows(report: Report) -> list[list[str]]:
             observed += f" {tone}" if tone else ""
         out.append([v.cell, v.metric, f"{ARROWS.get(v.expected, '')} {v.expected}".strip(),
                     observed, f"[{fmt(c.ci_low)}, {fmt(c.ci_high)}]" if c else "",
-                    fmt_p(c.p_value).removeprefix("p=") if c else "",
-                    fmt_p(v.change.p_adjusted).removeprefix("p=") if c else "",
+                    fmt_p(c.p_value, label=False) if c else "",
+                    fmt_p(v.change.p_adjusted, label=False) if c else "",
                     v.change.test if v.change else "", str(c.n) if c and c.n else "",
                     v.reason or (resolution_text(v.change) if v.change else ""), v.verdict])
     return out
