@@ -325,7 +325,25 @@ def collect(client, experiment: str, cells: list[str] | None = None,
 
 def _row(run) -> Row:
     return Row(run.data.tags["sparselab.cell"], run.info.status, run.info.run_id,
-               dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
+               with_evaluation_defaults(dict(run.data.params)), dict(run.data.metrics),
+               dict(run.data.tags))
+
+
+def with_evaluation_defaults(params: dict[str, str]) -> dict[str, str]:
+    """A run logged before an evaluation setting existed (`evaluate.sample`) was evaluated as
+    its default says; fill such keys in (where the run logged the section) so that runs old and
+    new compare."""
+    from sparselab.matrix import AnswerLoss, Evaluate, flatten
+    defaults = {"evaluate." + k: v for k, v in flatten(Evaluate().model_dump(mode="json")).items()}
+    defaults.update({"evaluate.answer_loss." + k: v for k, v in
+                     flatten(AnswerLoss().model_dump(mode="json")).items()})
+    out = dict(params)
+    for key, value in defaults.items():
+        section = key.rsplit(".", 1)[0] + "."
+        if key not in out and any(k.startswith(section) for k in params) \
+                and not isinstance(value, (dict, list)):
+            out[key] = str(value)
+    return out
 
 
 def load_examples(client, rows: list[Row]) -> None:

@@ -436,3 +436,18 @@ def test_cells_scored_on_different_data_are_not_paired(workspace):
     assert isinstance(refused, Refusal) and "different examples" in refused.reason
     b.fingerprint["wikitext2.ppl"] = "aaaa1111"
     assert compare(rows[1], rows[0], "wikitext2.ppl").direction == "down"
+
+
+def test_a_setting_added_later_reads_as_its_default():
+    """Runs logged before `evaluate.sample` existed scored the first `limit` documents: they
+    compare with `sample: first`, not with `sample: random`."""
+    from sparselab.report import Refusal, Row, compare, with_evaluation_defaults
+    old = with_evaluation_defaults({"evaluate.limit": "100", "evaluate.answer_loss.limit": "200"})
+    assert old["evaluate.sample"] == "first" and old["evaluate.answer_loss.sample"] == "first"
+    assert "evaluate.perplexity.seqlen" not in old  # a section the run did not log stays out
+    metrics = {"boolq.acc": 0.6, "boolq.acc_stderr": 0.05}
+    base = Row("base", "FINISHED", "r0", old, metrics)
+    first = Row("a", "FINISHED", "r1", {**old, "evaluate.sample": "first"}, metrics)
+    drawn = Row("b", "FINISHED", "r2", {**old, "evaluate.sample": "random"}, metrics)
+    assert not isinstance(compare(first, base, "boolq.acc"), Refusal)
+    assert "evaluate.sample random vs first" in compare(drawn, base, "boolq.acc").reason
