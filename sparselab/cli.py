@@ -295,8 +295,11 @@ def _pairs(items, option: str) -> dict[str, str]:
 @click.option("--where", multiple=True, metavar="KEY=VALUE", help="Keep cells whose config matches.")
 @click.option("--metrics", help="Comma-separated metric columns (default: the matrix's report.metrics).")
 @click.option("--pivot", "pivot_spec", help="rows=KEY cols=KEY value=METRIC (space-separated).")
+@click.option("--unpaired", is_flag=True,
+              help="Judge by the standard errors alone, as for runs without per-example scores "
+                   "(to see what pairing adds).")
 def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, where, metrics,
-           pivot_spec) -> None:
+           pivot_spec, unpaired) -> None:
     """Pivot the matrix's MLflow runs into a comparison table (read from the tracking store)."""
     from sparselab import report as rep
     from sparselab.matrix import DENSE, ReportSpec, expand, load_matrix
@@ -326,7 +329,8 @@ def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, whe
         chosen, explicit = [m.strip() for m in metrics.split(",") if m.strip()], True
     if not explicit:  # the default columns: those this store has
         chosen = [m for m in (chosen or ReportSpec().metrics) if m in available]
-    rep.load_examples(client, rows)
+    if not unpaired:
+        rep.load_examples(client, rows)
     result = rep.build(rows, experiment, chosen, baseline, expect, _pairs(where, "--where"), spec)
     if pivot_spec:
         spec = _pairs(pivot_spec.split(), "--pivot")

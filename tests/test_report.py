@@ -348,6 +348,13 @@ def test_paired_verdicts_from_logged_examples(paired_store):
     verdicts = {(v["cell"], v["metric"]): v["verdict"] for v in data["expectations"]}
     assert verdicts == {("gains", "boolq.acc"): "agrees", ("gains", "wikitext2.ppl"): "agrees",
                         ("noisy", "boolq.acc"): "agrees", ("old", "boolq.acc"): "agrees"}
+    # --unpaired: the same runs judged by their standard errors alone
+    unpaired = json.loads(_report(path, "--format", "json", "--unpaired").output)
+    loose = {(r["cell"], r["metric"]): r for r in unpaired["rows"]}
+    assert loose["gains", "boolq.acc"]["test"] == "unpaired-z"
+    assert loose["gains", "boolq.acc"]["direction"] == "unresolved"
+    assert {v["cell"]: v["verdict"] for v in unpaired["expectations"]
+            if v["metric"] == "boolq.acc"}["gains"] == "inconclusive"
     # Holm over the four tested hypotheses
     raw = [rows[k]["p_value"] for k in [("gains", "boolq.acc"), ("gains", "wikitext2.ppl"),
                                         ("noisy", "boolq.acc"), ("old", "boolq.acc")]]
