@@ -295,11 +295,12 @@ def _pairs(items, option: str) -> dict[str, str]:
 @click.option("--where", multiple=True, metavar="KEY=VALUE", help="Keep cells whose config matches.")
 @click.option("--metrics", help="Comma-separated metric columns (default: the matrix's report.metrics).")
 @click.option("--pivot", "pivot_spec", help="rows=KEY cols=KEY value=METRIC (space-separated).")
+@click.option("--baseline", "baseline_cell", help="Compare against this cell instead of report.baseline.")
 @click.option("--unpaired", is_flag=True,
               help="Judge by the standard errors alone, as for runs without per-example scores "
                    "(to see what pairing adds).")
 def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, where, metrics,
-           pivot_spec, unpaired) -> None:
+           pivot_spec, baseline_cell, unpaired) -> None:
     """Pivot the matrix's MLflow runs into a comparison table (read from the tracking store)."""
     from sparselab import report as rep
     from sparselab.matrix import DENSE, ReportSpec, expand, load_matrix
@@ -319,6 +320,8 @@ def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, whe
         spec = mf.matrix.report
         chosen = list(mf.matrix.report.metrics)
         explicit = "metrics" in mf.matrix.report.model_fields_set
+    if baseline_cell and baseline_cell != baseline:
+        baseline, expect = baseline_cell, None  # the hypotheses are stated against report.baseline
     client = rep._client()
     rows = rep.collect(client, experiment, cells, parent_run, all_runs)
     if not any(r.run_id for r in rows):
@@ -332,6 +335,7 @@ def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, whe
     if not unpaired:
         rep.load_examples(client, rows)
     result = rep.build(rows, experiment, chosen, baseline, expect, _pairs(where, "--where"), spec)
+    result.unpaired_requested = unpaired
     if pivot_spec:
         spec = _pairs(pivot_spec.split(), "--pivot")
         if set(spec) != {"rows", "cols", "value"}:

@@ -159,6 +159,7 @@ class Report:
     verdicts: list[Verdict]
     spec: ReportSpec = field(default_factory=ReportSpec)
     show_runs: bool = False  # several runs of a cell: label each with its run id
+    unpaired_requested: bool = False  # `report --unpaired`: per-example scores left unread
     _changes: dict[tuple[int, str], Change | Refusal | None] = field(default_factory=dict)
 
     def row(self, cell: str) -> Row | None:
@@ -204,7 +205,10 @@ class Report:
                 f"{mcnemar_min_discordant(alpha)} paired examples). Metrics without a noise "
                 "estimate are compared as they are.")
         unpaired_cells = self.unpaired_cells()
-        if unpaired_cells:
+        if self.unpaired_requested:
+            text += (" Judged by the standard errors alone (--unpaired): a z-test on "
+                     "sqrt(se² + se_baseline²), as if the cells had answered different questions.")
+        elif unpaired_cells:
             text += (" No per-example scores for " + ", ".join(unpaired_cells) + ": their Δ use "
                      "the unpaired rule (z-test on the two standard errors); `sparselab run M "
                      "--rerun` re-scores them.")

@@ -355,6 +355,12 @@ def test_paired_verdicts_from_logged_examples(paired_store):
     assert loose["gains", "boolq.acc"]["direction"] == "unresolved"
     assert {v["cell"]: v["verdict"] for v in unpaired["expectations"]
             if v["metric"] == "boolq.acc"}["gains"] == "inconclusive"
+    assert "--unpaired" in unpaired["rule"] and "--rerun" not in unpaired["rule"]
+    # --baseline: against another cell; the hypotheses, stated against report.baseline, drop
+    other = json.loads(_report(path, "--format", "json", "--baseline", "gains").output)
+    assert other["baseline"] == "gains" and other["expectations"] == []
+    back = next(r for r in other["rows"] if (r["cell"], r["metric"]) == ("baseline", "boolq.acc"))
+    assert back["delta"] == pytest.approx(-0.09) and back["quality"] == "worse"
     # Holm over the four tested hypotheses
     raw = [rows[k]["p_value"] for k in [("gains", "boolq.acc"), ("gains", "wikitext2.ppl"),
                                         ("noisy", "boolq.acc"), ("old", "boolq.acc")]]
