@@ -412,10 +412,16 @@ def build(rows: list[Row], title: str, metrics: list[str], baseline: str | None,
         for metric, expected in expectations.items():
             row = report.row(cell) or next((r for r in rows if r.cell.split("[")[0] == cell), None)
             change = report.change(row, metric) if row else None
+            if isinstance(change, Refusal):
+                reason = change.reason
+            elif change is None:
+                reason = ("not measured" if row is None or row.status == "FINISHED"
+                          else f"the cell is {row.status.lower()}")
+            else:
+                reason = ""
             report.verdicts.append(Verdict(cell, metric, expected, None, "inconclusive",
                                            change if isinstance(change, Change) else None,
-                                           change.reason if isinstance(change, Refusal) else
-                                           ("" if change else "not measured")))
+                                           reason))
     _judge_family(report)
     return report
 
