@@ -17,6 +17,7 @@ tasks, few-shot, data, lm-eval version) are not compared.
 """
 from __future__ import annotations
 
+import functools
 import html
 import json
 import math
@@ -122,7 +123,6 @@ class Change:
     """One metric of one row against the baseline."""
     delta: float
     direction: str  # up | down | same | unresolved
-    test: str  # mcnemar | permutation | unpaired-z | exact
     comparison: Comparison | None = None  # None: compared as it is (no noise estimate)
     margin: float | None = None
     p_adjusted: float | None = None
@@ -130,6 +130,11 @@ class Change:
     @property
     def p_value(self) -> float | None:
         return self.comparison.p_value if self.comparison else None
+
+    @property
+    def test(self) -> str:
+        """mcnemar | permutation | unpaired-z, or exact for a metric without noise."""
+        return self.comparison.test if self.comparison else "exact"
 
 
 @dataclass
@@ -229,9 +234,9 @@ def compare(row: Row, base: Row, metric: str, spec: ReportSpec | None = None
     value, ref = row.value(metric), base.value(metric)
     if value is None or ref is None:
         return None
-    differs = {k: (row.evaluation(metric).get(k), base.evaluation(metric).get(k))
-               for k in row.evaluation(metric).keys() | base.evaluation(metric).keys()}
-    differs = {k: v for k, v in differs.items() if v[0] != v[1]}
+    mine, theirs = row.evaluation(metric), base.evaluation(metric)
+    differs = {k: (mine.get(k), theirs.get(k)) for k in mine.keys() | theirs.keys()
+               if mine.get(k) != theirs.get(k)}
     if differs:
         return Refusal("evaluated differently: " + "; ".join(
             f"{k.removeprefix('tag:')} {a if a is not None else '(unset)'} vs "
@@ -252,12 +257,12 @@ def compare(row: Row, base: Row, metric: str, spec: ReportSpec | None = None
         if se is None and se_ref is None:  # a quantity without sampling noise
             delta = value - ref
             return Change(delta, "same" if delta == 0 else ("up" if delta > 0 else "down"),
-                          "exact", margin=margin)
+                          margin=margin)
         comparison = unpaired(value, se, ref, se_ref, alpha=spec.alpha)
         if comparison is None:
             return Refusal("a standard error is zero or missing, and there are no per-example "
                            "scores to pair")
-    change = Change(value - ref, "", comparison.test, comparison, margin)
+    change = Change(value - ref, "", comparison, margin)
     change.direction = judge(change, comparison.p_value, spec.alpha)
     return change
 
@@ -337,17 +342,22 @@ def with_evaluation_defaults(params: dict[str, str]) -> dict[str, str]:
     """A run logged before an evaluation setting existed (`evaluate.sample`) was evaluated as
     its default says; fill such keys in (where the run logged the section) so that runs old and
     new compare."""
-    from sparselab.matrix import AnswerLoss, Evaluate, flatten
-    defaults = {"evaluate." + k: v for k, v in flatten(Evaluate().model_dump(mode="json")).items()}
-    defaults.update({"evaluate.answer_loss." + k: v for k, v in
-                     flatten(AnswerLoss().model_dump(mode="json")).items()})
     out = dict(params)
-    for key, value in defaults.items():
+    for key, value in _evaluation_defaults().items():
         section = key.rsplit(".", 1)[0] + "."
         if key not in out and any(k.startswith(section) for k in params) \
                 and not isinstance(value, (dict, list)):
             out[key] = str(value)
     return out
+
+
+@functools.cache
+def _evaluation_defaults() -> dict[str, Any]:
+    from sparselab.matrix import AnswerLoss, Evaluate, flatten
+    defaults = {"evaluate." + k: v for k, v in flatten(Evaluate().model_dump(mode="json")).items()}
+    defaults.update({"evaluate.answer_loss." + k: v for k, v in
+                     flatten(AnswerLoss().model_dump(mode="json")).items()})
+    return defaults
 
 
 def load_examples(client, rows: list[Row]) -> None:

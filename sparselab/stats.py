@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 
-from sparselab.evaluate.examples import Aggregate
+from sparselab.evaluate.examples import Aggregate, aggregate
 
 POWER = 0.8
 RESAMPLES = 10_000
@@ -73,11 +73,6 @@ def mcnemar_min_discordant(alpha: float) -> int:
     return math.ceil(math.log2(2 / alpha))
 
 
-def _aggregate(values: np.ndarray, how: Aggregate) -> np.ndarray:
-    mean = values.mean(axis=-1)
-    return np.exp(mean) if how == "exp_mean" else mean
-
-
 def _agresti_min(worse: int, better: int, n: int, alpha: float) -> tuple[float, float, float]:
     """Interval and standard error of a paired difference of proportions, (better − worse)/n:
     the Wald interval after adding 1/2 to each of the four agreement counts (Agresti & Min
@@ -108,7 +103,7 @@ def _permutation_p(a: np.ndarray, b: np.ndarray, how: Aggregate, observed: float
         swaps = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1).astype(bool)
     else:
         swaps = rng.random((resamples, n)) < 0.5
-    stats = _aggregate(np.where(swaps, a, b), how) - _aggregate(np.where(swaps, b, a), how)
+    stats = aggregate(np.where(swaps, a, b), how) - aggregate(np.where(swaps, b, a), how)
     tolerance = 1e-12 * max(1.0, abs(observed))
     extreme = int(np.sum(np.abs(stats) >= abs(observed) - tolerance))
     return extreme / len(swaps) if exact else (extreme + 1) / (resamples + 1)
@@ -120,7 +115,7 @@ def _bootstrap(a: np.ndarray, b: np.ndarray, how: Aggregate, rng: np.random.Gene
     out = []
     for start in range(0, resamples, chunk):
         idx = rng.integers(0, n, size=(min(chunk, resamples - start), n))
-        out.append(_aggregate(b[idx], how) - _aggregate(a[idx], how))
+        out.append(aggregate(b[idx], how) - aggregate(a[idx], how))
     return np.concatenate(out)
 
 
@@ -136,7 +131,7 @@ def paired(base: dict[str, float], cell: dict[str, float], how: Aggregate = "mea
     b = np.array([cell[i] for i in ids], dtype=np.float64)
     n = len(ids)
     rng = np.random.default_rng(seed)
-    delta = float(_aggregate(b, how) - _aggregate(a, how))
+    delta = float(aggregate(b, how) - aggregate(a, how))
     fewest = mcnemar_min_discordant(alpha)  # also the fewest pairs a permutation test needs
     scale = _binary_scale(a, b, full_score) if how == "mean" else None
     if scale is not None:

@@ -397,7 +397,7 @@ def test_cells_evaluated_differently_are_not_compared(paired_store):
                                            "evaluate.perplexity.seqlen": "64",
                                            "prune.sparsity": "0.4"},
              {"boolq.acc": 1.0, "boolq.acc_stderr": 0.0, "wikitext2.ppl": 10.0},
-             {"tasks": _boolq([1] * 6)}, tmp=client and path.parent)
+             {"tasks": _boolq([1] * 6)}, tmp=path.parent)
     data = json.loads(_report(path, "--format", "json").output)
     acc = next(r for r in data["rows"] if (r["cell"], r["metric"]) == ("gains", "boolq.acc"))
     assert acc["delta"] is None and acc["direction"] is None

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 EXAMPLES_FILE = "examples.json"
 Aggregate = Literal["mean", "exp_mean"]
@@ -65,7 +66,7 @@ class ExampleScores:
 
     def value(self, metric: str) -> float:
         """The metric as the stage reports it, recomputed from the scores."""
-        return aggregate(list(self.scores[metric].values()), self.aggregate[metric])
+        return float(aggregate(list(self.scores[metric].values()), self.aggregate[metric]))
 
     def write(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
@@ -82,9 +83,10 @@ class ExampleScores:
                    data.get("fingerprint", {}))
 
 
-def aggregate(values: list[float], how: Aggregate) -> float:
-    mean = sum(values) / len(values)
-    return math.exp(mean) if how == "exp_mean" else mean
+def aggregate(values, how: Aggregate):
+    """A metric's value from its scores (last axis): their mean, or exp of it for perplexity."""
+    mean = np.asarray(values, dtype=np.float64).mean(axis=-1)
+    return np.exp(mean) if how == "exp_mean" else mean
 
 
 def fingerprint(data: bytes) -> str:
