@@ -10,6 +10,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -92,6 +93,13 @@ def parse_pattern(pattern: str) -> tuple[str, tuple[int, ...]]:
     return pattern, ()
 
 
+def _try_parse_pattern(pattern: str) -> tuple[str, tuple[int, ...]]:
+    try:
+        return parse_pattern(pattern)
+    except ValueError:  # the pattern's own validator says what is wrong
+        return "", ()
+
+
 class Calibration(Strict):
     data: DataRef = "wikitext2"
     samples: PositiveInt = 128
@@ -109,6 +117,18 @@ class Prune(Strict):
     layer_ratios: Literal["uniform", "owl"] | list[float] = "uniform"
     skip_layers: list[NonNegativeInt] = []
     options: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nm_sets_sparsity(cls, data: Any) -> Any:
+        """Without a `sparsity`, an N:M pattern's own (1 - N/M) is recorded, not the default
+        (a contradicting one is refused by `PruningMethod.check`, after the method's own
+        objections to the pattern)."""
+        if isinstance(data, dict) and "sparsity" not in data and isinstance(data.get("pattern"), str):
+            kind, args = _try_parse_pattern(data["pattern"])
+            if kind == "nm":
+                return {**data, "sparsity": 1 - args[0] / args[1]}
+        return data
 
     @field_validator("method")
     @classmethod

@@ -13,15 +13,17 @@ from typing import Any
 
 from sparselab.cache import StageCache
 from sparselab.data.catalog import DataSource
-from sparselab.matrix import Cell, config_hash
+from sparselab.matrix import Cell, config_hash, data_components
 from sparselab.models import model_source
-from sparselab.registry import PRUNING
+from sparselab.registry import DATASETS, PRUNING
 
 # Bump a stage's version when its computation or its outputs change, so old cache entries are
 # not reused (answer_loss 2: the answer text and its eos scored apart; the evaluation stages 3/3/2:
-# per-example scores kept for paired comparisons).
-STAGE_VERSIONS = {"load": 1, "prune": 1, "recover": 2, "perplexity": 3, "answer_loss": 3,
-                  "tasks": 2}
+# per-example scores kept for paired comparisons; perplexity 4: float64 loss, the tokenizer's own
+# special tokens; tasks 3: SQuAD v2 under lm-eval's rules plus the abstention-aware variant).
+# A change in the text a dataset gives bumps that dataset's `revision` instead (see `_data_key`).
+STAGE_VERSIONS = {"load": 1, "prune": 1, "recover": 2, "perplexity": 4, "answer_loss": 3,
+                  "tasks": 3}
 MODEL_STAGES = ("load", "prune", "recover")
 
 
@@ -39,6 +41,16 @@ class Stage:
         while chain[-1].parent is not None:
             chain.append(chain[-1].parent)
         return chain[::-1]
+
+
+def _data_key(source: DataSource, *refs: Any) -> str:
+    """Where a stage's data comes from, plus `name@revision` for each dataset it reads that was
+    revised (a stage reading only unrevised datasets keeps its key: SQuAD-calibrated prunes stay
+    cached when WikiText-2's text changes)."""
+    names = sorted({name for ref in refs for name in data_components(ref)})
+    revised = [f"{name}@{DATASETS.get(name).revision}" for name in names
+               if DATASETS.get(name).revision != 1]
+    return " ".join([source.label, *revised])
 
 
 def _stage(kind: str, config: dict[str, Any], parent: Stage | None, data: str | None,
@@ -83,27 +95,29 @@ def plan_cell(cell: Cell, source: DataSource) -> CellPlan:
         prune = cfg.prune.model_dump(mode="json")
         if not PRUNING.get(cfg.prune.method).needs_calibration:
             prune.pop("calibration")  # cells that differ only there share the pruned model
-        model = pruned = _stage("prune", prune, model, source.label,
+        calibration = [cfg.prune.calibration.data] if "calibration" in prune else []
+        model = pruned = _stage("prune", prune, model, _data_key(source, *calibration),
                                 f"prune {cfg.prune.method} {cfg.prune.sparsity:g} "
                                 f"{cfg.prune.pattern}"
                                 + (f" calib={_data(prune['calibration']['data'])}"
                                    if "calibration" in prune else ""))
     if cfg.recover.method != "none":
         recover = cfg.recover.model_dump(mode="json")
-        model = _stage("recover", recover, model, source.label,
+        model = _stage("recover", recover, model, _data_key(source, cfg.recover.data),
                        f"recover {cfg.recover.method} on {_data(recover['data'])}")
     ev = cfg.evaluate
     ppl = ppl_pruned = tasks = None
     if ev.perplexity is not None:
         ppl_cfg = ev.perplexity.model_dump(mode="json")
         label = f"perplexity {ev.perplexity.data} seqlen={ev.perplexity.seqlen}"
-        ppl = _stage("perplexity", ppl_cfg, model, source.label, label)
+        data = _data_key(source, ev.perplexity.data)
+        ppl = _stage("perplexity", ppl_cfg, model, data, label)
         if pruned is not None:
-            ppl_pruned = _stage("perplexity", ppl_cfg, pruned, source.label, label + " (pruned)")
+            ppl_pruned = _stage("perplexity", ppl_cfg, pruned, data, label + " (pruned)")
     answer = None
     if ev.answer_loss is not None:
         answer = _stage("answer_loss", ev.answer_loss.model_dump(mode="json"), model,
-                        source.label, f"answer loss {','.join(ev.answer_loss.data)} "
+                        _data_key(source, *ev.answer_loss.data), f"answer loss {','.join(ev.answer_loss.data)} "
                                       f"limit={ev.answer_loss.limit}")
     if ev.tasks:
         tasks_cfg = ev.model_dump(mode="json", exclude={"perplexity", "answer_loss"})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 
 import pytest
 import torch
@@ -30,9 +31,31 @@ def calib(tokenizer, data="wikitext2", samples=4, seqlen=32, seed=0, source=BUIL
                                                   seed=seed), source)
 
 
-def corpus_ids(tokenizer, name: str, split: str) -> list[int]:
-    text = DATASETS.get(name)().text(BUILTIN, split)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def reference_wikitext2(tokenizer, samples: int, seqlen: int, seed: int) -> list[list[int]]:
+    """The windows of `get_wikitext2` in the Wanda / SparseGPT code, on the hub-shaped rows."""
+    rows = DATASETS.get("wikitext2")().records(BUILTIN, "validation")
+    trainenc = tokenizer(" ".join(r["text"] for r in rows), return_tensors="pt")
+    random.seed(seed)
+    out = []
+    for _ in range(samples):
+        i = random.randint(0, trainenc.input_ids.shape[1] - seqlen - 1)
+        out.append(trainenc.input_ids[0, i:i + seqlen].tolist())
+    return out
+
+
+def reference_c4(tokenizer, documents: list[str], samples: int, seqlen: int, seed: int):
+    """The windows of `get_c4` in the Wanda / SparseGPT code."""
+    random.seed(seed)
+    out = []
+    for _ in range(samples):
+        while True:
+            i = random.randint(0, len(documents) - 1)
+            trainenc = tokenizer(documents[i], return_tensors="pt")
+            if trainenc.input_ids.shape[1] > seqlen:
+                break
+        i = random.randint(0, trainenc.input_ids.shape[1] - seqlen - 1)
+        out.append(trainenc.input_ids[0, i:i + seqlen].tolist())
+    return out
 
 
 def find(haystack: list[int], needle: list[int]) -> int:
@@ -53,10 +76,8 @@ def test_text_windows_are_seeded_slices_of_the_training_split(tokenizer):
     assert first.fingerprint["sha256"] != other.fingerprint["sha256"]
     # builtin WikiText-2 has no train split: validation, never the evaluated test split
     assert first.splits == {"wikitext2": "validation"}
-    ids = corpus_ids(tokenizer, "wikitext2", "validation")
-    generator = torch.Generator().manual_seed(3)
-    starts = torch.randint(0, len(ids) - 32, (4,), generator=generator).tolist()
-    assert first.input_ids.tolist() == [ids[s:s + 32] for s in starts]
+    assert first.input_ids.tolist() == reference_wikitext2(tokenizer, samples=4, seqlen=32, seed=3)
+    ids = tokenizer(DATASETS.get("wikitext2")().text(BUILTIN, "validation", " "))["input_ids"]
     fp = first.fingerprint
     assert (fp["samples"], fp["seqlen"], fp["seed"], fp["tokens"]) == (4, 32, 3, 128)
     assert fp["sources"]["wikitext2"]["tokens_available"] == len(ids)
@@ -143,6 +164,14 @@ def test_local_c4_and_boolq_train(tokenizer, tmp_path):
                  source=source)
     assert made.splits == {"boolq": "train", "c4": "train"}
     assert made.input_ids.shape == (4, 16)
+    # C4 alone: the documents and windows the reference loader draws, short documents skipped
+    docs[3]["text"] = docs[7]["text"] = "Too short."
+    with gzip.open(tmp_path / "c4" / "c4-train.00000-of-01024.json.gz", "wt") as handle:
+        handle.writelines(json.dumps(d) + "\n" for d in docs)
+    c4 = calib(tokenizer, data="c4", samples=12, seqlen=40, seed=5, source=source)
+    assert c4.input_ids.tolist() == reference_c4(tokenizer, [d["text"] for d in docs], 12, 40, 5)
+    with pytest.raises(ValueError, match="no document longer than seqlen 4000"):
+        calib(tokenizer, data="c4", samples=1, seqlen=4000, source=source)
 
 
 # --- the layer walk ------------------------------------------------------------------------------

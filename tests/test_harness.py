@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 LIMIT = 4
 GEN_KWARGS = {"max_gen_toks": 16}
 SQUAD_NAMES = {f"squadv2.{m}" for m in
-               ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1")}
+               ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1",
+                "exact_abstain", "f1_abstain", "NoAns_exact_abstain", "NoAns_f1_abstain")}
+SQUAD_CORPUS = {"squadv2.best_exact", "squadv2.best_f1"}  # a threshold sweep: no stderr
 
 
 # --- a small data directory in the layout of ../shared/data ----------------------------------
@@ -113,10 +115,11 @@ def _samples(path: Path) -> list[dict]:
 def test_metric_names_and_ranges(run):
     metrics, _ = run
     values = {k: v for k, v in metrics.items() if not k.endswith("_stderr")}
-    assert set(values) == SQUAD_NAMES | {"gsm8k.exact_match", "gsm8k.exact_match_strict",
-                                         "boolq.acc"}
-    # every split has at least two questions, so every metric has a standard error
-    assert {k for k in metrics if k.endswith("_stderr")} == {k + "_stderr" for k in values}
+    assert set(values) == SQUAD_NAMES | SQUAD_CORPUS | {"gsm8k.exact_match",
+                                                        "gsm8k.exact_match_strict", "boolq.acc"}
+    # every split has at least two questions, so every averaged metric has a standard error
+    assert {k for k in metrics if k.endswith("_stderr")} == {
+        k + "_stderr" for k in values if k not in SQUAD_CORPUS}
     for name, value in metrics.items():
         assert math.isfinite(value), name
         top = 100.0 if name.startswith("squadv2.") else 1.0
@@ -145,15 +148,24 @@ def test_artifacts_hold_results_and_samples(run):
 
 
 def test_squad_scores_follow_our_scorer(run):
-    """The reported scores are the official rules applied to the logged generations."""
+    """The reported scores are the official rules applied to the logged generations: as they
+    are (lm-eval's rule, best_* swept over the no-answer probability), and with "unanswerable"
+    read as an abstention (the *_abstain names)."""
     from sparselab.evaluate.squad_v2 import abstain_unanswerable, squad_v2_scores
     metrics, artifacts = run
     rows = _samples(artifacts / "lm_eval_samples_squadv2.jsonl")
-    expected = squad_v2_scores(
-        {r["doc"]["id"]: abstain_unanswerable(r["filtered_resps"][0]) for r in rows},
-        {r["doc"]["id"]: r["doc"]["answers"]["text"] for r in rows})
-    for name in SQUAD_NAMES:
-        assert metrics[name] == pytest.approx(expected[name.split(".", 1)[1]]), name
+    golds = {r["doc"]["id"]: r["doc"]["answers"]["text"] for r in rows}
+    na_probs = {r["doc"]["id"]: math.exp(float(r["resps"][1][0][0])) for r in rows}  # as logged
+    generated = {r["doc"]["id"]: r["filtered_resps"][0] for r in rows}
+    standard = squad_v2_scores(generated, golds, na_probs=na_probs)
+    abstained = squad_v2_scores({q: abstain_unanswerable(g) for q, g in generated.items()}, golds)
+    for name in SQUAD_NAMES | SQUAD_CORPUS:
+        metric = name.split(".", 1)[1]
+        if metric.endswith("_abstain"):
+            expected = abstained[metric.removesuffix("_abstain")]
+        else:
+            expected = standard[metric]
+        assert metrics[name] == pytest.approx(expected), name
 
 
 def test_boolq_and_gsm8k_match_the_lm_eval_command_line(run, tiny_model_dir, data_dir,
@@ -243,17 +255,52 @@ def test_hub_configs_are_lm_evals_own(tmp_path):
     assert not (include / "arc_easy.yaml").exists()  # lm-eval's built-in config is used
 
 
-def test_squad_task_maps_unanswerable_to_abstention():
+SQUAD_CASES = [  # (gold answers, generation, loglikelihood of " unanswerable")
+    ([], " Unanswerable", math.log(0.25)),   # says the word lm-eval's targets teach
+    ([], "", math.log(0.9)),                 # an empty generation: the only abstention lm-eval sees
+    ([], " Denver", math.log(0.05)),
+    (["Denver Broncos"], " Broncos", -3.0),
+    (["Denver Broncos", "the Broncos"], " The Broncos.", math.log(0.3)),
+    (["Santa Clara"], " unanswerable", math.log(0.6)),
+]
+
+
+def test_squad_scores_follow_lm_evals_rule_and_the_abstention_variant(monkeypatch):
+    """Our SQuADv2Task against lm-eval's own SQuAD2 task, whose corpus metric (evaluate's
+    `squad_v2`, the official script with no-answer threshold 1.0) is the official rules here."""
+    import lm_eval.tasks.squadv2.task as lm_eval_squad
+
+    from sparselab.evaluate import squad_v2
     from sparselab.evaluate.harness import SQuADv2Task
-    task = SQuADv2Task.__new__(SQuADv2Task)  # process_results needs no dataset
-    no_answer = {"id": "q", "answers": {"text": [], "answer_start": []}}
-    out = task.process_results(no_answer, [" Unanswerable", (math.log(0.25), False)])
-    assert out["exact"] == out["f1"] == out["NoAns_exact"] == 100.0
-    assert "HasAns_exact" not in out
-    assert out["best_f1"]["no_answer_probability"] == pytest.approx(0.25)
-    answer = {"id": "q", "answers": {"text": ["Denver Broncos"], "answer_start": [0]}}
-    out = task.process_results(answer, [" Broncos", (-3.0, False)])
-    assert out["exact"] == 0.0 and out["HasAns_f1"] == pytest.approx(200 / 3)
+
+    def official(predictions, references):
+        return squad_v2.squad_v2_scores(
+            {p["id"]: p["prediction_text"] for p in predictions},
+            {r["id"]: list(r["answers"]["text"]) for r in references},
+            na_probs={p["id"]: p["no_answer_probability"] for p in predictions})
+
+    monkeypatch.setattr(lm_eval_squad, "_squad_metric", official)
+    theirs = lm_eval_squad.SQuAD2.__new__(lm_eval_squad.SQuAD2)  # process_results needs no data
+    ours = SQuADv2Task.__new__(SQuADv2Task)
+    docs = [{"id": f"q{i}", "answers": {"text": gold, "answer_start": [0] * len(gold)}}
+            for i, (gold, _, _) in enumerate(SQUAD_CASES)]
+    results = [[text, (logprob, False)] for _, text, logprob in SQUAD_CASES]
+    per_doc = [(theirs.process_results(d, r), ours.process_results(d, r))
+               for d, r in zip(docs, results)]
+    for name in (*squad_v2.QUESTION_METRICS[:6], *squad_v2.CORPUS_METRICS):
+        lm_eval_value = theirs.aggregation()[name]([t[name] for t, _ in per_doc if name in t])
+        our_value = ours.aggregation()[name]([o[name] for _, o in per_doc if name in o])
+        assert our_value == pytest.approx(lm_eval_value), name
+    # by hand: lm-eval credits only the empty generation on the 3 unanswerable questions
+    scores = {name: ours.aggregation()[name]([o[name] for _, o in per_doc if name in o])
+              for name in squad_v2.QUESTION_METRICS}
+    assert scores["NoAns_exact"] == pytest.approx(100 / 3)
+    assert scores["NoAns_exact_abstain"] == pytest.approx(200 / 3)  # "Unanswerable" abstains too
+    assert scores["HasAns_exact"] == pytest.approx(100 / 3)  # "The Broncos." = "the Broncos"
+    assert scores["HasAns_f1"] == pytest.approx(100 * (2 / 3 + 1 + 0) / 3)
+    assert scores["exact"] == pytest.approx(100 * 2 / 6)
+    assert scores["exact_abstain"] == pytest.approx(100 * 3 / 6)
+    assert "HasAns_exact" not in per_doc[0][1] and "NoAns_exact_abstain" not in per_doc[3][1]
 
 
 def test_check_tasks_names_the_missing_file(tmp_path):

@@ -1,6 +1,8 @@
 """Matrix expansion, hashing and the shared prune stages of the guide's table."""
 from __future__ import annotations
 
+import pytest
+
 from sparselab.matrix import dense_reference, expand, load_matrix, parse_set
 from sparselab.stages import plan_cell
 from sparselab.validate import source_of
@@ -87,3 +89,14 @@ def test_dense_reference_is_shared_and_unpruned(tmp_path):
     assert ref.config.prune.method == "none" and ref.config.recover.method == "none"
     plan = plan_cell(ref, source_of(ref))
     assert [role for role, _ in plan.roles()] == ["load", "perplexity"]
+
+
+def test_nm_pattern_sets_the_sparsity_it_implies():
+    from sparselab.errors import UserError
+    from sparselab.matrix import Prune
+    from sparselab.registry import PRUNING
+    assert Prune(pattern="1:4").sparsity == 0.75  # N:M keeps N of M, whatever the default
+    PRUNING.get("wanda")().check(Prune(pattern="2:4", sparsity=0.5))
+    with pytest.raises(UserError, match="keeps 2 of every 4 weights") as refused:
+        PRUNING.get("wanda")().check(Prune(pattern="2:4", sparsity=0.7))
+    assert refused.value.key == "prune.sparsity"

@@ -372,7 +372,7 @@ def test_check_rejects(method, prune, message):
 
 @pytest.mark.parametrize("method,prune,message", [
     ("wanda", {"pattern": "block:24x24"}, "does not divide"),
-    ("magnitude", {"pattern": "3:5"}, "not divisible by M=5"),
+    ("magnitude", {"pattern": "3:5", "sparsity": 0.4}, "not divisible by M=5"),
     ("wanda", {"skip_layers": [7]}, "out of range"),
 ])
 def test_prune_time_errors_name_the_problem(tiny, tmp_path, method, prune, message):
@@ -416,7 +416,7 @@ def test_check_model_uses_the_config_before_any_weights(tiny_model_dir, tiny):
     assert linear_shapes(model_config) == {name: tuple(linear.weight.shape)
                                            for name, linear in linear_modules(layer).items()}
     for method, prune, message in [("wanda", {"pattern": "block:24x24"}, "does not divide"),
-                                   ("magnitude", {"pattern": "3:5"}, "divisible by M=5"),
+                                   ("magnitude", {"pattern": "3:5", "sparsity": 0.4}, "divisible by M=5"),
                                    ("sparsegpt", {"layer_ratios": [0.5] * 3}, "4 decoder layers"),
                                    ("wanda", {"skip_layers": [4]}, "out of range")]:
         with pytest.raises(ValueError, match=message):

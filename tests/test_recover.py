@@ -8,7 +8,7 @@ import torch
 
 from sparselab.data.catalog import resolve_data_dir
 from sparselab.matrix import CellConfig
-from sparselab.prune.layers import prunable_linears
+from sparselab.prune.layers import prunable_linears, sparsity_report
 from sparselab.prune.patterns import mask_for_pattern
 from sparselab.recover.base import RecoverContext
 from sparselab.recover.prompts import IGNORE, task_example
@@ -64,6 +64,13 @@ def test_lora_learns_and_leaves_the_base_bit_identical(tiny, tmp_path):
     base_model = type(recovered.model.get_base_model()).from_pretrained(tmp_path / "base")
     loaded = PeftModel.from_pretrained(base_model, tmp_path / "out" / "adapter")
     assert torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-5)
+    # the base stays half zero, the weights the model computes with do not: merging shows it
+    _, stats = sparsity_report(loaded)
+    assert stats["sparsity.linear"] == pytest.approx(0.5, abs=0.01)
+    assert stats["sparsity.effective"] == stats["sparsity.effective_adapted"]  # every linear adapted
+    merged = sparsity_report(loaded.merge_and_unload())[1]
+    assert stats["sparsity.effective"] == pytest.approx(merged["sparsity.linear"], abs=1e-4)
+    assert merged["sparsity.linear"] < 0.05 and "sparsity.effective" not in merged
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "block:16x16"])

@@ -19,6 +19,8 @@ class C4(TextCorpus):
                        "c4/c4-validation.00000-of-00008.json"),
     }
     eval_split = "validation"
+    calibration_join = None  # the reference draws a document, then a window inside it
+    revision = 2  # 2: calibration samples drawn as the reference draws them
 
     def read_local(self, path: Path) -> list[dict]:
         opener = gzip.open if path.suffix == ".gz" else open

@@ -62,6 +62,8 @@ class Dataset:
     # the split that evaluation scores; calibration and training never read it
     eval_split: ClassVar[str]
     hub_splits: ClassVar[dict[str, str]] = {}
+    # bumped when the text a dataset gives changes: part of the key of every stage that reads it
+    revision: ClassVar[int] = 1
 
     def local_path(self, source: DataSource, split: str) -> Path | None:
         for relative in self.local_files.get(split, ()):
@@ -110,9 +112,13 @@ class Dataset:
 
 class TextCorpus(Dataset):
     """Plain running text (WikiText-2, C4): calibration windows, packed training, perplexity."""
+    # How the reference code (Wanda, SparseGPT) cuts calibration windows from the training split:
+    # a string joins all rows into one text (WikiText-2: " "), None draws one document per sample (C4).
+    calibration_join: ClassVar[str | None] = " "
 
-    def text(self, source: DataSource, split: str) -> str:
-        return "\n\n".join(r["text"] for r in self.records(source, split))
+    def text(self, source: DataSource, split: str, separator: str = "\n\n") -> str:
+        """The rows joined: "\n\n" as the papers join the test split for perplexity."""
+        return separator.join(r["text"] for r in self.records(source, split))
 
 
 class TaskDataset(Dataset, abc.ABC):

@@ -17,7 +17,11 @@ class WikiText2(TextCorpus):
         "test": ("wikitext-2/wiki.test.raw", "wikitext-2/wiki.test.tokens"),
     }
     eval_split = "test"
+    revision = 2  # 2: local rows as the hub builds them; calibration as the reference samples it
 
     def read_local(self, path: Path) -> list[dict]:
-        """One record per line, like the hub's rows (blank lines are ' ' or '')."""
-        return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines()]
+        """The rows the hub's `wikitext` builder makes of the same file: every line keeps its
+        "\\n", a blank line (" \\n" in the raw files) is "". Read the way the builder reads it
+        (text mode, lines split at newlines only), so the texts agree token for token."""
+        with path.open(encoding="utf-8") as handle:
+            return [{"text": row if row.strip() else ""} for row in handle]

@@ -59,19 +59,21 @@ SQUAD_FEATURES = datasets.Features({
                 "answer_start": _List(datasets.Value("int32"))},
 })
 
-SQUAD_METRICS = ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1")
-
-
 # --- squadv2 with our scorer -----------------------------------------------------------------
 
 class SQuADv2Task(SQuAD2):
     """lm-eval's `squadv2` (same prompt, same generation and loglikelihood requests), offline.
 
-    - `exact`, `f1` and their `HasAns_*`/`NoAns_*` splits are per-question scores in percent,
-      averaged (so lm-eval gives each a standard error); the mean equals the official corpus score.
-    - `best_exact`/`best_f1` are the official threshold sweep over the no-answer probability
-      (exp of the loglikelihood of " unanswerable"), as lm-eval reports them.
-    - The generation "unanswerable" counts as the empty answer (an abstention).
+    - `exact`, `f1`, their `HasAns_*`/`NoAns_*` splits and `best_exact`/`best_f1` follow lm-eval's
+      rule: the generated text is the prediction, so on an unanswerable question only an empty
+      generation scores (saying "unanswerable" scores 0), and the best_* sweep abstains by the
+      no-answer probability (exp of the loglikelihood of " unanswerable"). They equal the
+      `lm_eval` command line's numbers.
+    - `exact_abstain`, `f1_abstain`, `NoAns_*_abstain` count the generation "unanswerable" (the word
+      lm-eval's few-shot targets teach) as an abstention. `HasAns_*` are the same under both rules:
+      an abstention on an answerable question scores 0 either way.
+    - Per-question scores are in percent and averaged (so each gets a standard error); the mean
+      equals the official corpus score.
     - Given `dataset_path: json` and `dataset_kwargs` (local files), it reads those instead of the
       hub; a missing `train` split just means there are no few-shot examples.
     """
@@ -95,22 +97,25 @@ class SQuADv2Task(SQuAD2):
 
     def process_results(self, doc: dict, results: list) -> dict[str, Any]:
         continuation, (logprob_unanswerable, _) = results
-        prediction = squad_v2.abstain_unanswerable(continuation)
         answers = list(doc["answers"]["text"])
-        exact, f1 = squad_v2.score(answers, prediction)
         split = "HasAns" if answers else "NoAns"
-        item = {"id": doc["id"], "prediction_text": prediction, "answers": answers,
+        exact, f1 = squad_v2.score(answers, continuation)
+        out = {"exact": 100.0 * exact, "f1": 100.0 * f1,
+               f"{split}_exact": 100.0 * exact, f"{split}_f1": 100.0 * f1}
+        exact, f1 = squad_v2.score(answers, squad_v2.abstain_unanswerable(continuation))
+        out.update({"exact_abstain": 100.0 * exact, "f1_abstain": 100.0 * f1})
+        if not answers:
+            out.update({"NoAns_exact_abstain": 100.0 * exact, "NoAns_f1_abstain": 100.0 * f1})
+        item = {"id": doc["id"], "prediction_text": continuation, "answers": answers,
                 "no_answer_probability": math.exp(logprob_unanswerable)}
-        return {"exact": 100.0 * exact, "f1": 100.0 * f1,
-                f"{split}_exact": 100.0 * exact, f"{split}_f1": 100.0 * f1,
-                "best_exact": item, "best_f1": item}
+        return {**out, "best_exact": item, "best_f1": item}
 
     def aggregation(self) -> dict[str, Any]:
-        return {**{name: mean for name in SQUAD_METRICS},
+        return {**{name: mean for name in squad_v2.QUESTION_METRICS},
                 "best_exact": _best("best_exact"), "best_f1": _best("best_f1")}
 
     def higher_is_better(self) -> dict[str, bool]:
-        return {name: True for name in (*SQUAD_METRICS, "best_exact", "best_f1")}
+        return {name: True for name in (*squad_v2.QUESTION_METRICS, *squad_v2.CORPUS_METRICS)}
 
 
 def _best(key: str):

@@ -1,8 +1,10 @@
 """Token-level perplexity in non-overlapping windows of an explicit seqlen.
 
-The convention of the Wanda and SparseGPT papers: join the test split with "\\n\\n", tokenize once,
-cut into `seqlen` windows (the ragged tail is dropped), average the next-token loss over every
-predicted token, exponentiate. The standard error comes from the spread of the windows' mean losses
+The convention of the Wanda and SparseGPT papers: join the test split with "\\n\\n", tokenize once
+as the tokenizer does by default (a Llama tokenizer's BOS opens the first window, as in their
+`eval_ppl`), cut into `seqlen` windows (the ragged tail is dropped), average the next-token loss over
+every predicted token, exponentiate. The loss is taken in float64 from the model's logits: an fp32
+cross-entropy over a 49k vocabulary is biased low by ~1e-4 per window, always the same way. The standard error comes from the spread of the windows' mean losses
 (se of the mean loss, times ppl: the delta method), so a report can tell a change from noise.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 def windows_of(tokenizer, text: str, seqlen: int, max_windows: int | None = None
                ) -> torch.Tensor:
     """The text's tokens cut into (windows, seqlen), the ragged tail dropped."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
     windows = ids.numel() // seqlen
     if max_windows is not None:
         windows = min(windows, max_windows)
@@ -32,10 +34,11 @@ def window_losses(model, windows: torch.Tensor, batch_size: int = 4) -> list[flo
     window_nll = []
     for start in range(0, len(windows), batch_size):
         batch = windows[start:start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), batch[:, 1:], reduction="none")
-        window_nll += loss.mean(dim=1).tolist()
+        logits = model(input_ids=batch, use_cache=False).logits
+        for row, ids in zip(logits, batch):  # one window's float64 copy at a time
+            log_probs = torch.log_softmax(row[:-1].double(), dim=-1)
+            nll = -log_probs.gather(1, ids[1:, None]).mean()
+            window_nll.append(nll.item())
     return window_nll
 
 

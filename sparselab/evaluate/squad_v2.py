@@ -29,6 +29,12 @@ _PUNCTUATION = frozenset(string.punctuation)
 # lm-eval's squadv2 few-shot target for an unanswerable question; the model says it to abstain.
 UNANSWERABLE = "unanswerable"
 
+# The scores of lm-eval's `squadv2`: per question (averaged) under its rule, then the variant that
+# counts "unanswerable" as an abstention; the best-threshold sweeps are corpus-level.
+QUESTION_METRICS = ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1",
+                    "exact_abstain", "f1_abstain", "NoAns_exact_abstain", "NoAns_f1_abstain")
+CORPUS_METRICS = ("best_exact", "best_f1")
+
 
 def normalize_answer(text: str) -> str:
     """Lower case, drop punctuation, drop articles, collapse whitespace (official order)."""

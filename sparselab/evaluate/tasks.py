@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sparselab.data.catalog import DataSource
+from sparselab.evaluate import squad_v2
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,7 @@ SQUADV2 = TaskSpec(
     name="squadv2", lm_eval_dataset="lighteval/squad_v2", dataset="squad",
     eval_split="validation", fewshot_split="train", default_fewshot=0,
     lm_eval_yaml=None,  # a Python task (lm_eval/tasks/squadv2/task.py); harness.SQuADv2Task
-    metrics={f"{m},none": m for m in ("exact", "f1", "HasAns_exact", "HasAns_f1",
-                                      "NoAns_exact", "NoAns_f1")},
+    metrics={f"{m},none": m for m in (*squad_v2.QUESTION_METRICS, *squad_v2.CORPUS_METRICS)},
 )
 
 GSM8K = TaskSpec(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from sparselab.cache import StageCache
 from sparselab.data.catalog import DataSource
+from sparselab.errors import UserError
 from sparselab.matrix import CellConfig, Prune
 from sparselab.models import LoadedModel
 
@@ -45,10 +47,19 @@ class PruningMethod(abc.ABC):
     def check(self, config: Prune) -> None:
         """Cheap validation before any model loads; raise ValueError with a clear message."""
         from sparselab.matrix import parse_pattern
-        kind, _ = parse_pattern(config.pattern)
+        kind, args = parse_pattern(config.pattern)
         if kind not in self.patterns:
             raise ValueError(f"pattern '{config.pattern}' is not supported by method "
                              f"'{config.method}' (supported: {', '.join(self.patterns)}).")
+        if kind == "nm" and not math.isclose(config.sparsity, 1 - args[0] / args[1],
+                                             abs_tol=1e-9):
+            (n, m), implied = args, 1 - args[0] / args[1]
+            raise UserError(
+                f"pattern '{config.pattern}' keeps {n} of every {m} weights (sparsity "
+                f"{implied:g}), but prune.sparsity is {config.sparsity:g}; set prune.sparsity: "
+                f"{implied:g} or leave it out. N:M counts the weights kept, as NVIDIA's 2:4 does "
+                f"(the Wanda command line's prune_n counts those pruned: they agree only for 2:4 "
+                f"and 4:8).", key="prune.sparsity")
         self.Options.model_validate(config.options)
 
     def check_model(self, config: Prune, model_config) -> None:

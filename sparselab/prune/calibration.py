@@ -7,9 +7,12 @@ prune:
 ```
 
 The samples (`calibration_set`):
-- plain-text corpora (WikiText-2, C4): the training split is joined with "\\n\\n", tokenized once, and
-  `samples` windows of `seqlen` tokens start at random offsets drawn from a `torch.Generator` seeded
-  with `seed` (the `get_wikitext2` / `get_c4` loaders of the Wanda and SparseGPT code);
+- plain-text corpora, drawn as the `get_wikitext2` / `get_c4` loaders of the Wanda and SparseGPT
+  code draw them, so the same text and seed give the reference's very windows: Python's
+  `random.seed(seed)`, then per sample `randint(0, tokens - seqlen - 1)` as the window start, the
+  text tokenized as the tokenizer does by default (a Llama tokenizer's BOS included). WikiText-2
+  joins its training split with " " and tokenizes it once; C4 draws a document
+  (`randint(0, documents - 1)`) until one has more than `seqlen` tokens, then a window inside it;
 - task data (SQuAD, GSM8K, BoolQ): one rendered example (`prompt + answer`) per sample, examples
   visited in a seeded random order; an example shorter than `seqlen` gets the next examples packed
   after it (separated by EOS), so every sample really is `seqlen` tokens long;
@@ -30,6 +33,7 @@ import abc
 import hashlib
 import json
 import math
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,9 +48,6 @@ from sparselab.prune.base import PruneContext, PruningMethod
 from sparselab.prune.layers import decoder_layers, linear_modules, prunable_linears
 from sparselab.prune.owl import OwlOptions, layer_sparsities, outlier_share, validate_ratios
 from sparselab.prune.patterns import Pattern, check_against_model
-
-# Tokenize long corpora in pieces of about this many characters (cut after a "\n\n").
-_CHUNK_CHARS = 4_000_000
 
 
 @dataclass
@@ -122,36 +123,43 @@ def ids_sha256(input_ids: torch.Tensor) -> str:
     return hashlib.sha256(input_ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-def tokenize_corpus(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of a whole corpus, without special tokens; long texts go in "\\n\\n"-cut pieces."""
-    pieces, start = [], 0
-    while start < len(text):
-        end = len(text) if len(text) - start <= _CHUNK_CHARS else start + _CHUNK_CHARS
-        if end < len(text):
-            cut = text.find("\n\n", end)
-            end = len(text) if cut < 0 else cut + 2
-        pieces.append(text[start:end])
-        start = end
-    ids = [torch.tensor(_encode(tokenizer, piece), dtype=torch.long) for piece in pieces]
-    return torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False, return_attention_mask=False,
+def _encode(tokenizer, text: str, special_tokens: bool = False) -> list[int]:
+    return tokenizer(text, add_special_tokens=special_tokens, return_attention_mask=False,
                      verbose=False)["input_ids"]
 
 
 def _text_windows(tokenizer, dataset: TextCorpus, source: DataSource, split: str, count: int,
                   seqlen: int, seed: int) -> tuple[torch.Tensor, dict[str, int]]:
-    ids = tokenize_corpus(tokenizer, dataset.text(source, split))
-    if ids.numel() <= seqlen:
-        raise ValueError(f"calibration dataset '{dataset.name}' ({split} split) has {ids.numel()} "
-                         f"tokens, too few for windows of seqlen {seqlen} (it needs more than "
-                         f"{seqlen}); lower prune.calibration.seqlen or use more text.")
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (count,), generator=generator)
-    windows = torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
-    return windows, {"tokens_available": int(ids.numel())}
+    """`count` windows as the reference loaders draw them (see the module docstring)."""
+    draw = random.Random(seed)
+    if dataset.calibration_join is not None:
+        ids = _encode(tokenizer, dataset.text(source, split, dataset.calibration_join), True)
+        if len(ids) <= seqlen:
+            raise ValueError(f"calibration dataset '{dataset.name}' ({split} split) has {len(ids)} "
+                             f"tokens, too few for windows of seqlen {seqlen} (it needs more than "
+                             f"{seqlen}); lower prune.calibration.seqlen or use more text.")
+        starts = [draw.randint(0, len(ids) - seqlen - 1) for _ in range(count)]
+        windows = [ids[s:s + seqlen] for s in starts]
+        return torch.tensor(windows, dtype=torch.long), {"tokens_available": len(ids)}
+    documents = [r["text"] for r in dataset.records(source, split)]
+    encoded: dict[int, list[int]] = {}
+    too_short: set[int] = set()
+    windows = []
+    for _ in range(count):
+        while True:
+            index = draw.randint(0, len(documents) - 1)
+            if index not in encoded:
+                encoded[index] = _encode(tokenizer, documents[index], True)
+            if len(encoded[index]) > seqlen:
+                break
+            too_short.add(index)
+            if len(too_short) == len(documents):
+                raise ValueError(f"calibration dataset '{dataset.name}' ({split} split) has no "
+                                 f"document longer than seqlen {seqlen} tokens; lower "
+                                 f"prune.calibration.seqlen.")
+        start = draw.randint(0, len(encoded[index]) - seqlen - 1)
+        windows.append(encoded[index][start:start + seqlen])
+    return torch.tensor(windows, dtype=torch.long), {"documents_available": len(documents)}
 
 
 def _task_samples(tokenizer, dataset: TaskDataset, source: DataSource, split: str, count: int,

@@ -61,19 +61,48 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
+def adapter_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weight change each unmerged peft adapter adds to a prunable linear, by the linear's
+    name: what merging would add (`get_delta_weight` of every active adapter)."""
+    deltas = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        for name, sub in layer.named_modules():
+            if not hasattr(sub, "get_delta_weight") or getattr(sub, "merged", False):
+                continue
+            active = [a for a in sub.active_adapters if a in getattr(sub, "lora_A", {})]
+            if active:
+                deltas[f"model.layers.{index}.{name}"] = sum(sub.get_delta_weight(a)
+                                                             for a in active)
+    return deltas
+
+
 @torch.no_grad()
 def sparsity_report(model: nn.Module) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """Achieved sparsity per prunable layer and overall (`sparsity.linear`, `params.*`)."""
+    """Achieved sparsity per prunable layer and overall (`sparsity.linear`, `params.*`).
+
+    With unmerged adapters `sparsity.linear` is the frozen base's; `sparsity.effective` counts
+    the zeros of base + adapter, the weights the model computes with (over all prunable
+    linears), and `sparsity.effective_adapted` over the adapted linears alone."""
     per_layer = {}
     zeros = total = 0
+    deltas = adapter_deltas(model)
+    effective_zeros = adapted_zeros = adapted_total = 0
     for name, linear in prunable_linears(model).items():
         n = linear.weight.numel()
         z = int((linear.weight == 0).sum())
         per_layer[name] = {"zeros": z, "total": n, "sparsity": z / n}
         zeros += z
         total += n
+        if name in deltas:
+            z = int(((linear.weight + deltas[name].to(linear.weight.dtype)) == 0).sum())
+            adapted_zeros += z
+            adapted_total += n
+        effective_zeros += z
     params_total = sum(p.numel() for p in model.parameters())
     params_nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     overall = {"sparsity.linear": zeros / total if total else 0.0,
                "params.total": float(params_total), "params.nonzero": float(params_nonzero)}
+    if deltas:
+        overall["sparsity.effective"] = effective_zeros / total
+        overall["sparsity.effective_adapted"] = adapted_zeros / adapted_total
     return per_layer, overall

@@ -20,10 +20,16 @@ weights are zeroed; H is damped by `percdamp` x mean(diag H); then the upper Cho
 H^-1 drives the column-by-column OBS update, in blocks of `blocksize` columns with the error of a
 block propagated lazily to the columns after it. The mask of a block is chosen when the block is
 reached, from w^2 / U_cc^2 (= w^2 / [H^-1]_cc of the remaining columns): the lowest `sparsity`
-share of the whole rows x blocksize block for unstructured (as the reference code does; exactly
-floor(share * size) weights), or per row with `per_row: true`; for N:M, the M - N lowest of every
+share of the whole rows x blocksize block for unstructured (the block-wide choice is the reference
+code's), or per row with `per_row: true`; for N:M, the M - N lowest of every
 group of M, chosen when the group's first column is reached. Layers are processed in order like
 Wanda: each layer's calibration inputs are the outputs of the already pruned layers before it.
+
+Where this differs from the reference: a block prunes exactly floor(share x size) weights, those
+with the lowest scores. The reference takes the score at sorted index floor(share x size) as a
+threshold and prunes every score <= it, so one weight more per block (more on ties): at 0.5 on a
+576 x 128 block, 36,865 instead of 36,864, a sparsity 1.4e-5 above the one asked. We keep the
+asked share, so the reported sparsity is the requested one; N:M masks are the reference's.
 """
 from __future__ import annotations
 
