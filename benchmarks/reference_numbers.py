@@ -14,7 +14,7 @@
 
 Each number must also equal the golden value recorded in benchmarks/results/reference_numbers.json
 (seeded with the hub text's token count and the command line's BoolQ 0.42 and GSM8K 0.015 at
-limit 200; --record writes a run's numbers there). Any disagreement or drift is printed and exits
+limit 200; --record adds a run's new numbers there, e.g. the perplexity). Any disagreement or drift is printed and exits
 1. The results go to benchmarks/results/reference_numbers*.md with the command that made them.
 
 On 2 CPU cores: ppl ~2 x 10 min, boolq ~2 x 3 min, gsm8k ~2 x 20 min (5-shot generations).
@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-windows", type=int, default=None,
                         help="perplexity on the first windows only (a quick check)")
     parser.add_argument("--record", action="store_true",
-                        help="write this run's numbers as the golden rows (first run, or on purpose)")
+                        help="add this run's new numbers to the golden rows (when all agree); "
+                             "recorded ones are compared, not replaced: edit the file to change one")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/"
                         "reference_numbers.md, or reference_numbers_<checks>.md for --only")
     args = parser.parse_args(argv)
@@ -182,11 +183,14 @@ def main(argv: list[str] | None = None) -> int:
                 row["limit"] = args.limit
             else:
                 parser.error(f"unknown check '{check}'; valid: {', '.join(CHECKS)}")
-            found += [] if args.record else drift(check, row, golden)
+            found += drift(check, row, golden)
             print(json.dumps({check: row}), flush=True)
             rows[check], problems = row, problems + found
-    if args.record:
-        GOLDEN.write_text(json.dumps({**golden, **rows}, indent=2) + "\n")
+    if args.record and not problems:  # add what is new; recorded numbers stay as they are
+        merged = {check: {**row, **golden.get(check, {})} for check, row in rows.items()}
+        for row in merged.values():
+            row.pop("seconds", None)
+        GOLDEN.write_text(json.dumps({**golden, **merged}, indent=2) + "\n")
     lines = header("Golden rows: sparselab against independent references (SmolLM2-135M)")
     lines += ["| check | number | sparselab | reference | seconds (sparselab / reference) |",
               "| --- | --- | ---: | ---: | --- |"]
