@@ -124,8 +124,9 @@ class Prune(Strict):
         """Without a `sparsity`, an N:M pattern's own (1 - N/M) is recorded, not the default
         (a contradicting one is refused by `PruningMethod.check`, after the method's own
         objections to the pattern)."""
-        if isinstance(data, dict) and "sparsity" not in data and isinstance(data.get("pattern"), str):
-            kind, args = _try_parse_pattern(data["pattern"])
+        pattern = data.get("pattern") if isinstance(data, dict) else None
+        if isinstance(pattern, str) and "sparsity" not in data:
+            kind, args = _try_parse_pattern(pattern)
             if kind == "nm":
                 return {**data, "sparsity": 1 - args[0] / args[1]}
         return data

@@ -113,11 +113,11 @@ class Dataset:
 class TextCorpus(Dataset):
     """Plain running text (WikiText-2, C4): calibration windows, packed training, perplexity."""
     # How the reference code (Wanda, SparseGPT) cuts calibration windows from the training split:
-    # a string joins all rows into one text (WikiText-2: " "), None draws one document per sample (C4).
+    # a string joins all rows into one text (WikiText-2: " "); None draws a document per sample (C4).
     calibration_join: ClassVar[str | None] = " "
 
     def text(self, source: DataSource, split: str, separator: str = "\n\n") -> str:
-        """The rows joined: "\n\n" as the papers join the test split for perplexity."""
+        """The rows joined: by default with "\\n\\n", as the papers join the test split."""
         return separator.join(r["text"] for r in self.records(source, split))
 
 

@@ -4,8 +4,9 @@ The convention of the Wanda and SparseGPT papers: join the test split with "\\n\
 as the tokenizer does by default (a Llama tokenizer's BOS opens the first window, as in their
 `eval_ppl`), cut into `seqlen` windows (the ragged tail is dropped), average the next-token loss over
 every predicted token, exponentiate. The loss is taken in float64 from the model's logits: an fp32
-cross-entropy over a 49k vocabulary is biased low by ~1e-4 per window, always the same way. The standard error comes from the spread of the windows' mean losses
-(se of the mean loss, times ppl: the delta method), so a report can tell a change from noise.
+cross-entropy over a 49k vocabulary is biased low by ~1e-4 per window, always the same way. The
+standard error comes from the spread of the windows' mean losses (se of the mean loss, times ppl:
+the delta method), so a report can tell a change from noise.
 """
 from __future__ import annotations
 

@@ -132,15 +132,21 @@ def _text_windows(tokenizer, dataset: TextCorpus, source: DataSource, split: str
                   seqlen: int, seed: int) -> tuple[torch.Tensor, dict[str, int]]:
     """`count` windows as the reference loaders draw them (see the module docstring)."""
     draw = random.Random(seed)
-    if dataset.calibration_join is not None:
-        ids = _encode(tokenizer, dataset.text(source, split, dataset.calibration_join), True)
-        if len(ids) <= seqlen:
-            raise ValueError(f"calibration dataset '{dataset.name}' ({split} split) has {len(ids)} "
-                             f"tokens, too few for windows of seqlen {seqlen} (it needs more than "
-                             f"{seqlen}); lower prune.calibration.seqlen or use more text.")
-        starts = [draw.randint(0, len(ids) - seqlen - 1) for _ in range(count)]
-        windows = [ids[s:s + seqlen] for s in starts]
-        return torch.tensor(windows, dtype=torch.long), {"tokens_available": len(ids)}
+    if dataset.calibration_join is None:
+        return _document_windows(tokenizer, dataset, source, split, count, seqlen, draw)
+    ids = _encode(tokenizer, dataset.text(source, split, dataset.calibration_join), True)
+    if len(ids) <= seqlen:
+        raise ValueError(f"calibration dataset '{dataset.name}' ({split} split) has {len(ids)} "
+                         f"tokens, too few for windows of seqlen {seqlen} (it needs more than "
+                         f"{seqlen}); lower prune.calibration.seqlen or use more text.")
+    starts = [draw.randint(0, len(ids) - seqlen - 1) for _ in range(count)]
+    windows = [ids[s:s + seqlen] for s in starts]
+    return torch.tensor(windows, dtype=torch.long), {"tokens_available": len(ids)}
+
+
+def _document_windows(tokenizer, dataset: TextCorpus, source: DataSource, split: str, count: int,
+                      seqlen: int, draw: random.Random) -> tuple[torch.Tensor, dict[str, int]]:
+    """Per sample: documents drawn until one is longer than `seqlen`, then a window inside it."""
     documents = [r["text"] for r in dataset.records(source, split)]
     encoded: dict[int, list[int]] = {}
     too_short: set[int] = set()
