@@ -1,6 +1,7 @@
 """The `sparselab` command: validate, plan, run, ls, ui, cache."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -46,13 +47,17 @@ def main(verbose: bool) -> None:
         logging.getLogger("sparselab").addHandler(RichHandler(console=console, show_path=False))
 
 
-def prepare_plans(matrix: str, only: str | None, sets: tuple[str, ...], data_dir: str | None):
-    """Matrix file -> validated cells (dense reference first) and their stage plans."""
-    from sparselab.matrix import DENSE, dense_reference, expand, load_matrix, parse_set
+def prepare_plans(matrix: str, only: str | None, sets: tuple[str, ...], data_dir: str | None,
+                  limits: tuple[int, int] | None = None):
+    """Matrix file -> validated cells (dense reference first) and their stage plans.
+    `limits`: (max cells, max YAML nodes), the --max-cells / --max-nodes caps."""
+    from sparselab.matrix import (DENSE, MAX_CELLS, MAX_NODES, dense_reference, expand,
+                                  load_matrix, parse_set)
     from sparselab.stages import plan_cell
     from sparselab.validate import check_cells, source_of
-    mf = load_matrix(matrix)
-    cells = expand(mf, parse_set(sets), data_dir=data_dir)
+    max_cells, max_nodes = limits or (MAX_CELLS, MAX_NODES)
+    mf = load_matrix(matrix, max_nodes=max_nodes)
+    cells = expand(mf, parse_set(sets), data_dir=data_dir, max_cells=max_cells)
     if only:
         wanted = [name.strip() for name in only.split(",") if name.strip()]
         known = {c.name for c in cells} | {c.experiment for c in cells if c.experiment}
@@ -80,14 +85,29 @@ _set = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
 _data_dir = click.option("--data-dir", help="Folder laid out like ../shared/data, or 'builtin'.")
 
 
+def _limits(command):
+    """--max-cells / --max-nodes, passed on as `limits=(cells, nodes)`."""
+    from sparselab.matrix import MAX_CELLS, MAX_NODES
+
+    @functools.wraps(command)
+    def wrapper(*args, max_cells: int, max_nodes: int, **kwargs):
+        return command(*args, limits=(max_cells, max_nodes), **kwargs)
+    wrapper = click.option("--max-nodes", type=click.IntRange(min=1), default=MAX_NODES,
+                           show_default=True,
+                           help="Most YAML nodes the matrix may expand to (aliases expanded).")(wrapper)
+    return click.option("--max-cells", type=click.IntRange(min=1), default=MAX_CELLS,
+                        show_default=True, help="Most cells the matrix may expand to.")(wrapper)
+
+
 @main.command()
 @click.argument("matrices", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @_set
 @_data_dir
-def validate(matrices, sets, data_dir) -> None:
+@_limits
+def validate(matrices, sets, data_dir, limits) -> None:
     """Check matrix files (schema, names, ranges, data files) without loading a model."""
     for matrix in matrices:
-        mf, plans = prepare_plans(matrix, None, sets, data_dir)
+        mf, plans = prepare_plans(matrix, None, sets, data_dir, limits)
         console.print(f"[green]ok[/] {matrix}: {len(plans) - 1} cells + dense reference")
 
 
@@ -96,11 +116,12 @@ def validate(matrices, sets, data_dir) -> None:
 @_only
 @_set
 @_data_dir
-def plan(matrix, only, sets, data_dir) -> None:
+@_limits
+def plan(matrix, only, sets, data_dir, limits) -> None:
     """List the cells, the stages each needs, which are shared and which are cached."""
     from sparselab.cache import StageCache
     from sparselab.stages import stage_status
-    mf, plans = prepare_plans(matrix, only, sets, data_dir)
+    mf, plans = prepare_plans(matrix, only, sets, data_dir, limits)
     cache = StageCache()
     users = Counter(stage.key for p in plans for _, stage in p.roles())
     table = Table(title=f"{mf.matrix.name}: {len(plans) - 1} cells + dense reference")
@@ -145,8 +166,9 @@ def plan(matrix, only, sets, data_dir) -> None:
               help="At most this many Ray tasks at once (default: as resources allow).")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
               help="Retry a Ray task whose worker died this many times.")
+@_limits
 def run(matrix, only, sets, data_dir, rerun, executor, address, cpus_per_cell, gpus_per_cell,
-        max_concurrent, retries) -> None:
+        max_concurrent, retries, limits) -> None:
     """Run the matrix: one MLflow child run per cell under one parent run."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -160,7 +182,7 @@ def run(matrix, only, sets, data_dir, rerun, executor, address, cpus_per_cell, g
         used = ", ".join(k for k, v in ray_only.items() if v is not None)
         raise UserError(f"{used}: only with --executor ray (the local executor runs one cell "
                         "at a time in this process).", key="--executor")
-    mf, plans = prepare_plans(matrix, only, sets, data_dir)
+    mf, plans = prepare_plans(matrix, only, sets, data_dir, limits)
     cache = StageCache()
     runner = (RayExecutor(cache, address, cpus_per_cell, gpus_per_cell, max_concurrent, retries)
               if executor == "ray" else LocalExecutor(cache))

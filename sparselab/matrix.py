@@ -17,15 +17,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
-                      ValidationError, field_validator, model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, NonNegativeInt, PositiveFloat,
+                      PositiveInt, Tag, ValidationError, field_validator, model_validator)
 
 from sparselab.errors import UserError, did_you_mean
 from sparselab.registry import DATASETS, MODELS, PRUNING, RECOVERY, TASKS
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
+                              allow_inf_nan=False)
+
+
+# torch, numpy and Python's random all take seeds in [0, 2**32 - 1]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 def _check_dataset(name: str) -> str:
@@ -51,7 +56,9 @@ class Mixture(Strict):
         return {name: weight / total for name, weight in sorted(mix.items())}
 
 
-DataRef = Union[str, Mixture]
+# A name or a mixture, told apart by shape so an error speaks of the one that was meant
+DataRef = Annotated[Union[Annotated[str, Tag("<name>")], Annotated[Mixture, Tag("<mixture>")]],
+                    Discriminator(lambda v: "<name>" if isinstance(v, str) else "<mixture>")]
 
 
 def _check_data_ref(value: DataRef) -> DataRef:
@@ -104,7 +111,7 @@ class Calibration(Strict):
     data: DataRef = "wikitext2"
     samples: PositiveInt = 128
     seqlen: PositiveInt = 512
-    seed: int | None = None  # None: the cell's seed
+    seed: Seed | None = None  # None: the cell's seed
 
     _data = field_validator("data")(classmethod(lambda cls, v: _check_data_ref(v)))
 
@@ -173,7 +180,7 @@ class Train(Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     precision: Literal["fp32", "bf16"] = "fp32"
     eval_every: PositiveInt | None = None  # held-out loss every N steps (always at the end)
-    seed: int | None = None  # None: the cell's seed
+    seed: Seed | None = None  # None: the cell's seed
 
 
 class Recover(Strict):
@@ -220,7 +227,7 @@ class AnswerLoss(Strict):
     data: list[str] = ["squad", "gsm8k", "boolq"]
     limit: PositiveInt | None = 200  # N examples of the evaluation split; None: all
     sample: Sample = "first"  # which N: see Evaluate.sample
-    seed: int = 0  # of sample: random
+    seed: Seed = 0  # of sample: random
     seqlen: PositiveInt = 512
     batch_size: PositiveInt = 8
 
@@ -243,7 +250,7 @@ class Evaluate(Strict):
     # Overrides the tasks' generation settings (e.g. {max_gen_toks: 16} for smoke runs). It
     # changes what is measured, so it is part of the stage key and logged; empty = lm-eval's own.
     gen_kwargs: dict[str, Any] = {}
-    seed: int | None = None  # None: the cell's seed
+    seed: Seed | None = None  # None: the cell's seed
 
     @field_validator("tasks")
     @classmethod
@@ -257,7 +264,7 @@ class CellConfig(Strict):
     """One fully resolved cell: everything a run needs, nothing implicit."""
     model: str
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    seed: int = 0
+    seed: Seed = 0
     data_dir: str | None = None
     trust_remote_code: bool = False
     prune: Prune = Prune()
@@ -306,7 +313,7 @@ class ReportSpec(Strict):
     # Equivalence margin per metric for `same`: an absolute change, or "5%" of the baseline's
     # value; metrics not listed get sparselab.report.default_margin.
     margin: dict[str, float | str] = {}
-    seed: int = 0  # of the bootstrap and permutation resampling
+    seed: Seed = 0  # of the bootstrap and permutation resampling
 
     @field_validator("margin")
     @classmethod
@@ -323,7 +330,7 @@ class Matrix(Strict):
     description: str = ""
     model: str
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    seed: int = 0
+    seed: Seed = 0
     data_dir: str | None = None
     trust_remote_code: bool = False
     defaults: dict[str, Any] = {}
@@ -489,12 +496,39 @@ class MatrixFile:
         return next((self.lines[p[:1]] for p in candidates if p[:1] in self.lines), None)
 
 
-def load_matrix(path: str | Path) -> MatrixFile:
+# Bounds on what a matrix may expand to, so a mistake (or a YAML alias bomb) is refused at once
+# instead of hanging validation: raised with --max-cells / --max-nodes.
+MAX_CELLS = 1000
+MAX_NODES = 100_000
+
+
+def expanded_size(tree: Any, limit: int) -> int:
+    """Nodes of a YAML tree with every alias expanded, counted up to `limit` + 1 (so a bomb
+    costs `limit` steps, not its exponential size)."""
+    count, stack = 0, [tree]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
+def load_matrix(path: str | Path, max_nodes: int = MAX_NODES) -> MatrixFile:
     path = Path(path)
     if not path.is_file():
         raise UserError("matrix file not found; give the path of a YAML matrix "
                         "(see matrix/ for the shipped ones).", file=str(path))
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise UserError(f"the file is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                        f"offset {exc.start}); save the matrix as UTF-8.", file=str(path),
+                        line=line) from None
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except UserError as exc:
@@ -513,6 +547,11 @@ def load_matrix(path: str | Path) -> MatrixFile:
     if not isinstance(raw, dict):
         raise UserError("a matrix must be a YAML mapping with at least 'name' and 'model'.",
                         file=str(path))
+    if expanded_size(raw, max_nodes) > max_nodes:
+        raise UserError(f"the matrix expands to more than {max_nodes:,} YAML nodes once its "
+                        "aliases (&name / *name) are expanded: an alias nested in aliases grows "
+                        "exponentially. Write the values out, or pass --max-nodes to allow a "
+                        "larger file.", file=str(path))
     lines = _line_index(text)
     try:
         matrix = Matrix.model_validate(raw)
@@ -521,7 +560,27 @@ def load_matrix(path: str | Path) -> MatrixFile:
         loc = tuple(str(p) for p in error["loc"])
         raise UserError(_explain(error, Matrix), file=str(path), line=_first_line(lines, loc),
                         key=".".join(loc)) from None
+    _check_cell_names(matrix, str(path), lines)
     return MatrixFile(path, matrix, lines)
+
+
+def _check_cell_names(matrix: Matrix, path: str, lines: dict[tuple[str, ...], int]) -> None:
+    """`expect:` and `report.baseline` must name an experiment (or one of its grid cells)."""
+    names = list(matrix.experiments) or ["default"]
+    valid = ", ".join(names)
+    for cell in matrix.expect:
+        if cell.split("[")[0] not in names:
+            raise UserError(f"expect: '{cell}' is not an experiment of this matrix, so its "
+                            f"hypotheses would never be judged.{did_you_mean(cell, names)} "
+                            f"Experiments: {valid}.", file=path,
+                            line=_first_line(lines, ("expect", cell)), key=f"expect.{cell}")
+    baseline = matrix.report.baseline
+    if baseline is not None and baseline.split("[")[0] not in names \
+            and not is_dense_reference(baseline):
+        raise UserError(f"report.baseline '{baseline}' is not an experiment of this matrix."
+                        f"{did_you_mean(baseline, names)} Valid: {valid}, or {DENSE} (the "
+                        "unpruned model).", file=path,
+                        line=_first_line(lines, ("report", "baseline")), key="report.baseline")
 
 
 def _first_line(lines: dict[tuple[str, ...], int], loc: tuple[str, ...]) -> int | None:
@@ -568,9 +627,16 @@ TOP_LEVEL = ("model", "dtype", "seed", "data_dir", "trust_remote_code")
 
 
 def expand(mf: MatrixFile, overrides: dict[str, Any] | None = None,
-           data_dir: str | None = None) -> list[Cell]:
+           data_dir: str | None = None, max_cells: int = MAX_CELLS) -> list[Cell]:
     """Defaults x experiments x grid (+ --set overrides) -> validated cells, in file order."""
     m = mf.matrix
+    count = max(1, len(m.experiments)) * math.prod(len(values) for values in m.grid.values())
+    if count > max_cells:
+        sizes = " x ".join(f"{len(v)} {k}" for k, v in m.grid.items())
+        raise UserError(f"the matrix expands to {count:,} cells ({max(1, len(m.experiments))} "
+                        f"experiment(s) x {sizes or '1'}), more than the limit of {max_cells:,}; "
+                        "shrink the grid, or pass --max-cells to run that many.", file=mf.path,
+                        line=mf.line_of(("grid",)), key="grid")
     base = {key: getattr(m, key) for key in TOP_LEVEL}
     base = deep_merge(base, m.defaults)
     if data_dir is not None:
@@ -588,7 +654,7 @@ def expand(mf: MatrixFile, overrides: dict[str, Any] | None = None,
             if point:
                 name += "[" + ",".join(f"{k}={_short(v)}" for k, v in point.items()) + "]"
             cells.append(Cell(name=name, experiment=exp_name,
-                              config=_validate_cell(mf, tree, exp_name, name)))
+                              config=_validate_cell(mf, tree, exp_name, name, overrides or {})))
     seen: dict[str, str] = {}
     for cell in cells:
         if cell.hash in seen:
@@ -603,17 +669,22 @@ def _short(value: Any) -> str:
 
 
 def _validate_cell(mf: MatrixFile, tree: dict[str, Any], experiment: str | None,
-                   cell: str) -> CellConfig:
+                   cell: str, overrides: dict[str, Any]) -> CellConfig:
     try:
         return CellConfig.model_validate(tree)
     except ValidationError as exc:
         error = exc.errors()[0]
         loc = tuple(str(p) for p in error["loc"])
-        # Pydantic reports which union branch failed ("str", "Mixture"); drop those parts.
+        # Pydantic reports which union branch failed ("str", "<mixture>"); drop those parts.
         loc = tuple(p for p in loc if p not in ("str", "Mixture", "list[float]") and
-                    not p.startswith("literal["))
+                    not p.startswith(("literal[", "<")))
         error = {**error, "loc": loc}
         dotted = ".".join(loc)
+        flag = next((key for key in overrides if f"{dotted}.".startswith(f"{key}.")
+                     or key.startswith(f"{dotted}.")), None)
+        if flag is not None:  # the value came from the command line, not from the file
+            raise UserError(f"--set {flag}={_short(overrides[flag])}: in cell '{cell}': "
+                            f"{_explain(error, CellConfig)}", file=mf.path, key=dotted) from None
         line = mf.line_of(("experiments", str(experiment), dotted), ("grid", dotted),
                           ("defaults", *loc), loc, ("experiments", str(experiment)))
         raise UserError(f"in cell '{cell}': {_explain(error, CellConfig)}", file=mf.path,

@@ -57,6 +57,27 @@ CASES = {
     "bad margin": (GOOD + "report: {margin: {boolq.acc: lots}}\n",
                    ["margin of 'boolq.acc' is 'lots'", "'5%'", "report"]),
     "bad alpha": (GOOD + "report: {alpha: 1.5}\n", ["report.alpha", "less than 1"]),
+    "seed out of range": (GOOD.replace("data_dir: builtin", "data_dir: builtin\nseed: 4294967296"),
+                          ["key 'seed'", "less than or equal to 4294967295", "line 4"]),
+    "infinite lr": (GOOD.replace("b: {prune.sparsity: 0.6}", "b: {recover.train.lr: .inf}"),
+                    ["recover.train.lr", "finite number", "line 10"]),
+    "negative mix weight": (GOOD.replace("b: {prune.sparsity: 0.6}",
+                                         "b: {prune.calibration.data: {mix: {wikitext2: -1}}}"),
+                            ["prune.calibration.data.mix.wikitext2", "greater than 0"]),
+    "expect names no experiment": (GOOD + "expect:\n  c: {wikitext2.ppl: down}\n",
+                                   ["expect: 'c' is not an experiment", "Experiments: a, b",
+                                    "line 12"]),
+    "unknown report baseline": (GOOD + "report: {baseline: bb}\n",
+                                ["report.baseline 'bb' is not an experiment", "Did you mean 'b'",
+                                 "line 11"]),
+    "alias bomb": (GOOD.replace("method: magnitude, sparsity: 0.5}", "method: magnitude, "
+                                "sparsity: 0.5, options: {" + ", ".join(
+                                    [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}" if i else "0"] * 10)
+                                     + "]" for i in range(9)]) + "}}"),
+                   ["expands to more than 100,000 YAML nodes", "--max-nodes"]),
+    "huge grid": (GOOD + "grid:\n" + "".join(f"  prune.calibration.{k}: {list(range(1, 101))}\n"
+                                              for k in ("samples", "seqlen")),
+                  ["expands to 20,000 cells", "limit of 1,000", "--max-cells", "line 11"]),
 }
 
 
@@ -73,6 +94,26 @@ def test_bad_matrix_is_refused_clearly(workspace, case):
     assert "Traceback" not in result.output
     assert not (workspace / "mlflow.db").exists()  # no run was created
     assert not (workspace / "home").exists()  # no stage was computed
+
+
+def test_non_utf8_matrix(workspace):
+    path = workspace / "bad.yaml"
+    path.write_bytes(GOOD.replace("name: bad", "name: bad\ndescription: caf\xe9").encode("latin-1"))
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "bad.yaml, line 2" in result.output and "not UTF-8" in result.output
+
+
+def test_limits_can_be_raised_and_set_errors_name_the_flag(workspace):
+    path = write(workspace / "m.yaml", GOOD)
+    result = CliRunner().invoke(main, ["validate", str(path), "--max-cells", "1"])
+    assert result.exit_code == 2 and "expands to 2 cells" in result.output
+    assert CliRunner().invoke(main, ["validate", str(path), "--max-cells", "2"]).exit_code == 0
+    # a bad --set value is blamed on the flag, not on the experiment line that sets the same key
+    result = CliRunner().invoke(main, ["validate", str(path), "--set", "prune.sparsity=1.5"])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "--set prune.sparsity=1.5" in message
+    assert "line" not in message
 
 
 def test_missing_data_file(workspace):
