@@ -197,7 +197,9 @@ def test_bad_report_requests(store, workspace):
     assert "squadv2.f1" in result.output
     bad = write(workspace / "b.yaml", MATRIX.replace("baseline: baseline", "baseline: exp9"))
     result = _report(bad)
-    assert result.exit_code == 2 and "report.baseline 'exp9' is not a cell" in " ".join(result.output.split())
+    message = " ".join(result.output.split())  # refused when the matrix loads, with its line
+    assert result.exit_code == 2 and "report.baseline 'exp9' is not an experiment" in message
+    assert "b.yaml, line 18" in message
     other = write(workspace / "o.yaml", MATRIX.replace("name: study", "name: never_ran"))
     result = _report(other)
     assert result.exit_code == 2 and "no runs of 'never_ran'" in result.output
