@@ -5,14 +5,22 @@ writers; a team points MLFLOW_TRACKING_URI at an `mlflow server` instead (see tr
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
+import logging
 import os
 import subprocess
 import time
+from contextlib import contextmanager, nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+from sparselab.errors import UserError
+
+log = logging.getLogger("sparselab")
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 ARTIFACT_ROOT = Path("mlruns") / "artifacts"
@@ -23,14 +31,104 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
 
 
+# How long `connect` waits for an http(s) tracking server before giving up (attempts x timeout).
+SERVER_ATTEMPTS = 3
+SERVER_TIMEOUT_S = 5.0
+
+
+def _store_problem(uri: str, problem: str) -> UserError:
+    return UserError(f"tracking store {uri}: {problem} Set MLFLOW_TRACKING_URI to "
+                     f"sqlite:///path/to/mlflow.db (a writable folder; the default is "
+                     f"{DEFAULT_URI}) or to a running `mlflow server` (http://host:port; see "
+                     "tracking/).", key="MLFLOW_TRACKING_URI")
+
+
 def _client():
+    """A client of a checked store, before any model work: a SQLite file is created and its
+    schema migrated under a file lock (two first runs on a new store must not both migrate it);
+    an http(s) server must answer its health check within a bounded wait; a file store or an
+    unreachable database is refused with exit code 2 and one message, not a traceback."""
     import mlflow
     from mlflow.tracking import MlflowClient
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        raise _store_problem(uri, "MLflow 3 no longer writes to a folder (file) store.")
+    if scheme in ("http", "https"):
+        _retry(uri, lambda: _health(uri))
+    elif scheme.startswith(("postgresql", "mysql")):
+        _retry(uri, lambda: _database(uri))
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    with _sqlite_lock(uri) if scheme == "sqlite" else nullcontext():
+        try:  # the client opens (and creates or upgrades) the store; one query proves it answers
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+        except Exception as exc:  # MLflow raises many kinds here; each becomes one message
+            first_line = (str(exc).splitlines() or [""])[0][:300]
+            raise _store_problem(uri, f"it cannot be opened ({type(exc).__name__}: "
+                                      f"{first_line}).") from None
+    return client
+
+
+@contextmanager
+def _sqlite_lock(uri: str):
+    """An exclusive lock beside the SQLite file while the store is opened and migrated."""
+    path = Path(uri.removeprefix("sqlite:///"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path.with_name(path.name + ".lock"), "a")
+    except OSError as exc:
+        raise _store_problem(uri, f"its folder {path.parent} cannot be written "
+                                  f"({exc.strerror}).") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _health(uri: str) -> str | None:
+    """None when the server's /health answers; else what went wrong ('!' first: do not retry)."""
+    import urllib.error
+    import urllib.request
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=SERVER_TIMEOUT_S):
+            return None
+    except urllib.error.HTTPError as exc:
+        return ("!" if exc.code < 500 else "") + f"HTTP {exc.code} from {health}"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+
+
+def _database(uri: str) -> str | None:
+    """None when the database accepts a connection within SERVER_TIMEOUT_S; else the error."""
+    import sqlalchemy
+    try:
+        engine = sqlalchemy.create_engine(
+            uri, connect_args={"connect_timeout": int(SERVER_TIMEOUT_S)})
+        with engine.connect():
+            return None
+    except Exception as exc:  # drivers raise their own kinds
+        return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _retry(uri: str, probe) -> None:
+    """`probe` up to SERVER_ATTEMPTS times, SERVER_TIMEOUT_S apart, saying what it waits for."""
+    for attempt in range(1, SERVER_ATTEMPTS + 1):
+        problem = probe()
+        if problem is None:
+            return
+        if problem.startswith("!"):  # it answered: waiting will not change the answer
+            problem = problem[1:]
+            break
+        if attempt < SERVER_ATTEMPTS:
+            log.warning("waiting for the tracking store %s (%s; attempt %d of %d)", uri,
+                        problem, attempt, SERVER_ATTEMPTS)
+            time.sleep(SERVER_TIMEOUT_S)
+    raise _store_problem(uri, f"it does not answer ({problem}) after {attempt} "
+                              f"tr{'y' if attempt == 1 else 'ies'} of {SERVER_TIMEOUT_S:g} s.")
 
 
 @functools.cache
