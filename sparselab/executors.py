@@ -84,6 +84,7 @@ class StageResult:
     log: str
     error: str | None = None
     trace: str = ""
+    computed: bool = True  # False: another runner made the entry while this task waited
 
 
 def compute_stage(stage: Stage, plan: CellPlan, home: str, cwd: str) -> StageResult:
@@ -99,15 +100,16 @@ def compute_stage(stage: Stage, plan: CellPlan, home: str, cwd: str) -> StageRes
     context = ray.get_runtime_context()
     where = {**placement(), "ray_task_id": context.get_task_id() or "",
                  "ray_node_id": context.get_node_id() or ""}
+    runner = StageRunner(StageCache(Path(home)))
     try:
-        StageRunner(StageCache(Path(home))).ensure(stage, plan)
+        runner.ensure(stage, plan)
     except Exception as exc:  # noqa: BLE001 - reported to the driver, which fails the cells
         trace = traceback.format_exc()
         log.error("stage %s %s failed:\n%s", stage.kind, stage.key, trace)
         return StageResult(where, buffer.getvalue(), f"{type(exc).__name__}: {exc}", trace)
     finally:
         log.removeHandler(handler)
-    return StageResult(where, buffer.getvalue())
+    return StageResult(where, buffer.getvalue(), computed=stage.key in runner.computed)
 
 
 @dataclass
@@ -238,4 +240,7 @@ class RayExecutor:
             result = schedule.failed[first.key]
             return cell.fail(f"{first.label}: {result.error}", result.trace, logs, tags)
         entries = {role: self.cache.entry(stage.kind, stage.key) for role, stage in roles}
+        hits = {role: hits[role] or (stage.key in schedule.results
+                                     and not schedule.results[stage.key].computed)
+                for role, stage in roles}
         return cell.finish(entries, hits, logs, tags)

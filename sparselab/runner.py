@@ -44,6 +44,9 @@ class StageRunner:
         self.cache = cache
         self.on_stage = on_stage
         self._held: tuple[str, LoadedModel] | None = None
+        # keys this runner computed itself: an entry another runner made while this one waited
+        # on its lock is a cache hit, not a miss
+        self.computed: set[str] = set()
 
     def ensure(self, stage: Stage, plan: CellPlan) -> Entry:
         entry = self.cache.entry(stage.kind, stage.key)
@@ -66,6 +69,7 @@ class StageRunner:
                     if (out / "metrics.json").is_file() else {}
                 metrics[TIME_METRICS[stage.kind]] = time.perf_counter() - start
                 (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            self.computed.add(stage.key)
             if produced is not None:
                 self._held = (stage.key, produced)
             log.info("stage %s %s: done in %.1fs", stage.kind, stage.key,
@@ -283,10 +287,11 @@ class CellRun:
             handler.setFormatter(LOG_FORMAT)
             log.addHandler(handler)
             try:
-                entries, hits = {}, {}
+                entries, before = {}, set(runner.computed)
                 for role, stage in self.plan.roles():
-                    hits[role] = runner.cache.entry(stage.kind, stage.key) is not None
                     entries[role] = runner.ensure(stage, self.plan)
+                hits = {role: stage.key not in runner.computed - before
+                        for role, stage in self.plan.roles()}
             except KeyboardInterrupt:
                 log.warning("interrupted")
                 self._detach(handler)
@@ -302,19 +307,31 @@ class CellRun:
 
     def finish(self, entries: dict[str, Entry], hits: dict[str, bool], log_text: str,
                tags: dict[str, str] | None = None) -> CellOutcome:
-        """Log the cell's metrics and stage artifacts from its (now cached) stage entries."""
+        """Log the cell's metrics and stage artifacts from its (now cached) stage entries.
+
+        Recording is part of the cell's failure isolation: an unreadable entry file fails this
+        cell (the others run on), a signal meanwhile marks it KILLED; it is never left RUNNING."""
         run_id = self.run_id
-        for role, entry in entries.items():
-            self.tracker.log_artifacts(run_id, entry.artifacts, f"stages/{role}")
-        self.tracker.set_tags(run_id, {**{f"sparselab.stage.{role}.cache":
-                                          "hit" if hit else "miss" for role, hit in hits.items()},
-                                       **(tags or {})})
-        metrics = cell_metrics(self.plan, entries)
-        self.tracker.log_metrics(run_id, metrics)
-        if "recover" in entries:
-            steps = json.loads((entries["recover"].path / "steps.json").read_text())
-            for name in sorted({k for step in steps for k in step}):
-                self.tracker.log_series(run_id, name, [s[name] for s in steps if name in s])
+        try:
+            for role, entry in entries.items():
+                self.tracker.log_artifacts(run_id, entry.artifacts, f"stages/{role}")
+            self.tracker.set_tags(run_id, {
+                **{f"sparselab.stage.{role}.cache": "hit" if hit else "miss"
+                   for role, hit in hits.items()}, **(tags or {})})
+            metrics = cell_metrics(self.plan, entries)
+            self.tracker.log_metrics(run_id, metrics)
+            if "recover" in entries:
+                steps = json.loads((entries["recover"].path / "steps.json").read_text())
+                for name in sorted({k for step in steps for k in step}):
+                    self.tracker.log_series(run_id, name, [s[name] for s in steps if name in s])
+        except KeyboardInterrupt:
+            self.close("KILLED", log_text)
+            raise
+        except Exception as exc:  # noqa: BLE001 - a cell that cannot be recorded fails alone
+            trace = traceback.format_exc()
+            log.error("cell %s: recording its results failed:\n%s", self.plan.cell.name, trace)
+            return self.fail(f"recording the results failed: {type(exc).__name__}: {exc}",
+                             trace, log_text)
         self.close("FINISHED", log_text)
         return CellOutcome(self.plan.cell, "FINISHED", run_id, metrics=metrics)
 

@@ -48,3 +48,80 @@ def test_tracking_store_problems_are_one_message_before_any_work(workspace, monk
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert message in text and "MLFLOW_TRACKING_URI" in text
     assert not (workspace / "home").exists()  # no stage was computed
+
+
+# --- recording is inside each cell's failure isolation ------------------------------------------
+
+def _runs(workspace, experiment="bad"):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{workspace}/mlflow.db")
+    runs = sorted(client.search_runs([client.get_experiment_by_name(experiment).experiment_id]),
+                  key=lambda r: r.info.start_time)
+    children = {r.data.tags["sparselab.cell"]: r for r in runs  # the newest run of each cell
+                if "mlflow.parentRunId" in r.data.tags}
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return parents, children
+
+
+def test_an_unreadable_entry_fails_its_cell_and_the_others_run(workspace):
+    path = write(workspace / "m.yaml", GOOD)
+    assert CliRunner().invoke(main, ["run", str(path)]).exit_code == 0
+    _, children = _runs(workspace)
+    key = children["a"].data.tags["sparselab.stage.perplexity.key"]
+    (workspace / "home" / "stages" / "perplexity" / key / "metrics.json").write_text("{garbled")
+    result = CliRunner().invoke(main, ["run", str(path), "--rerun"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    parents, children = _runs(workspace)
+    assert parents[-1].info.status == "FAILED"
+    assert children["a"].info.status == "FAILED"
+    assert "recording the results failed" in children["a"].data.tags["sparselab.error"]
+    assert children["b"].info.status == children["dense"].info.status == "FINISHED"
+
+
+def test_a_signal_while_recording_marks_the_cell_killed(workspace, monkeypatch):
+    from sparselab.tracking import Tracker
+
+    def interrupted(self, run_id, metrics, step=0):
+        raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setattr(Tracker, "log_metrics", interrupted)
+    result = CliRunner().invoke(main, ["run", str(write(workspace / "m.yaml", GOOD))])
+    assert result.exit_code == 130
+    parents, children = _runs(workspace)
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert [c.info.status for c in children.values()] == ["KILLED"]  # never left RUNNING
+
+
+def test_an_entry_made_by_another_runner_while_waiting_is_not_computed_again(tmp_path,
+                                                                            monkeypatch):
+    """The runner that waited on the lock finds the entry: no computation, so a cache hit."""
+    import threading
+
+    from sparselab import runner as runner_module
+    from sparselab.cache import StageCache
+    from sparselab.matrix import expand, load_matrix
+    from sparselab.stages import plan_cell
+    from sparselab.validate import source_of
+    cell = expand(load_matrix(write(tmp_path / "m.yaml", GOOD)))[0]
+    plan = plan_cell(cell, source_of(cell))
+    stage = plan.model  # the load stage: no parent
+    cache = StageCache(tmp_path / "home")
+    locked, release = threading.Event(), threading.Event()
+
+    def other_runner():
+        with cache.lock(stage.kind, stage.key):
+            locked.set()
+            release.wait(10)
+            with cache.writing(stage.kind, stage.key, {"by": "other"}):
+                pass
+
+    monkeypatch.setitem(runner_module.COMPUTE, stage.kind,
+                        lambda *a: pytest.fail("computed an entry another runner made"))
+    thread = threading.Thread(target=other_runner)
+    thread.start()
+    locked.wait(10)
+    threading.Timer(0.5, release.set).start()
+    runner = runner_module.StageRunner(cache)
+    entry = runner.ensure(stage, plan)
+    thread.join()
+    assert entry.meta["by"] == "other" and stage.key not in runner.computed
