@@ -70,7 +70,7 @@ class StageCache:
         tmp = self.root / "tmp" / f"{stage}-{key}-{uuid.uuid4().hex[:8]}"
         (tmp / "artifacts").mkdir(parents=True)
         (tmp / "owner.json").write_text(json.dumps(  # who computes it: `cache gc`, operators
-            {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
+            {**process_identity(), "started": time.time()}))
         try:
             yield tmp
             (tmp / "owner.json").unlink()
@@ -95,39 +95,79 @@ class StageCache:
                        if (d / "meta.json").is_file()), key=lambda e: (e.stage, e.key))
 
     def gc(self, keep: set[str] | None = None, older_than_s: float = 3600.0,
-           kinds: set[str] | None = None) -> list[Path]:
-        """Remove stale temporary folders (their process on this host is gone, or older than
-        `older_than_s`) and, when `keep` is given, every entry of the stage `kinds` (all when
-        None) whose key is not in it; entries of other kinds (a method's own analyses) stay.
-        Returns what was removed."""
-        removed = []
+           kinds: set[str] | None = None, dry_run: bool = False) -> list[Path]:
+        """Remove abandoned temporary folders and, when `keep` is given, every entry of the
+        stage `kinds` (all when None) whose key is not in it; entries of other kinds (a method's
+        own analyses) stay. A temporary folder is abandoned when its writer on this host is gone,
+        or, for a writer on another host (or none named), when it is older than `older_than_s`;
+        a folder whose writer is alive is never touched. Returns what was (with `dry_run`: would
+        be) removed."""
+        doomed = []
         tmp = self.root / "tmp"
         if tmp.is_dir():
             now = time.time()
             for folder in tmp.iterdir():
-                if _orphaned(folder) or now - folder.stat().st_mtime > older_than_s:
-                    shutil.rmtree(folder, ignore_errors=True)
-                    removed.append(folder)
+                alive = owner_alive(_owner(folder))
+                if alive is False or (alive is None and now - _mtime(folder) > older_than_s):
+                    doomed.append(folder)
         if keep is not None:
-            for entry in self.entries():
-                if entry.key not in keep and (kinds is None or entry.stage in kinds):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                    removed.append(entry.path)
-        return removed
+            doomed += [entry.path for entry in self.entries()
+                       if entry.key not in keep and (kinds is None or entry.stage in kinds)]
+        if not dry_run:
+            for folder in doomed:
+                shutil.rmtree(folder, ignore_errors=True)
+        return doomed
+
+    def remove_orphans(self) -> list[Path]:
+        """Temporary folders of writers on this host that are gone (a killed run's leftovers)."""
+        tmp = self.root / "tmp"
+        orphans = [f for f in tmp.iterdir() if owner_alive(_owner(f)) is False] \
+            if tmp.is_dir() else []
+        for folder in orphans:
+            shutil.rmtree(folder, ignore_errors=True)
+        return orphans
 
 
-def _orphaned(folder: Path) -> bool:
-    """A temporary folder whose writer ran on this host and no longer exists."""
+def process_identity(pid: int | None = None) -> dict[str, Any]:
+    """host, pid and the process's start time (so a reused pid is not mistaken for it)."""
+    pid = os.getpid() if pid is None else pid
+    return {"host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid)}
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process in clock ticks since boot (Linux /proc), or None."""
     try:
-        owner = json.loads((folder / "owner.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if owner.get("host") != socket.gethostname():
-        return False
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22: starttime
+
+
+def owner_alive(owner: dict[str, Any] | None) -> bool | None:
+    """Whether the process an owner record names still runs: None when that cannot be known
+    here (another host, no record)."""
+    if not owner or owner.get("host") != socket.gethostname():
+        return None
     try:
-        os.kill(int(owner["pid"]), 0)
+        pid = int(owner["pid"])
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except (PermissionError, KeyError, ValueError):
         return False
-    return False
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return None
+    recorded = owner.get("pid_start")
+    return recorded is None or recorded == _process_start(pid)  # else: the pid was reused
+
+
+def _owner(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / "owner.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _mtime(folder: Path) -> float:
+    try:
+        return folder.stat().st_mtime
+    except OSError:
+        return 0.0

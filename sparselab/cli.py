@@ -184,6 +184,7 @@ def run(matrix, only, sets, data_dir, rerun, executor, address, cpus_per_cell, g
                         "at a time in this process).", key="--executor")
     mf, plans = prepare_plans(matrix, only, sets, data_dir, limits)
     cache = StageCache()
+    cache.remove_orphans()  # what killed runs on this host left half-written
     runner = (RayExecutor(cache, address, cpus_per_cell, gpus_per_cell, max_concurrent, retries)
               if executor == "ray" else LocalExecutor(cache))
     tracker = Tracker(mf.matrix.name)
@@ -280,18 +281,23 @@ def cache_ls() -> None:
 @cache.command(name="gc")
 @click.option("--keep", "keep_matrices", multiple=True, type=click.Path(dir_okay=False),
               help="Keep only the entries these matrices use (repeatable); without it only "
-                   "stale temporary folders are removed.")
+                   "abandoned temporary folders are removed.")
+@click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
 @_data_dir
-def cache_gc(keep_matrices, data_dir) -> None:
-    """Remove stale temporary folders, and entries no listed matrix needs."""
+def cache_gc(keep_matrices, dry_run, data_dir) -> None:
+    """Remove abandoned temporary folders, and entries no listed matrix needs (a folder whose
+    writer is alive is never touched)."""
     from sparselab.cache import StageCache
     keep = None
     if keep_matrices:
         keep = {stage.key for matrix in keep_matrices
                 for p in prepare_plans(matrix, None, (), data_dir)[1] for _, stage in p.roles()}
     from sparselab.stages import STAGE_VERSIONS
-    removed = StageCache().gc(keep, kinds=set(STAGE_VERSIONS))
-    console.print(f"removed {len(removed)} folder(s)")
+    store = StageCache()
+    doomed = store.gc(keep, kinds=set(STAGE_VERSIONS), dry_run=dry_run)
+    for folder in doomed:
+        console.print(f"{'would remove' if dry_run else 'removed'} {folder.relative_to(store.root)}")
+    console.print(f"{'would remove' if dry_run else 'removed'} {len(doomed)} folder(s)")
 
 
 def _pairs(items, option: str) -> dict[str, str]:
@@ -345,6 +351,10 @@ def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, whe
     if baseline_cell and baseline_cell != baseline:
         baseline, expect = baseline_cell, None  # the hypotheses are stated against report.baseline
     client = rep._client()
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:  # runs of a dead process show as killed, not as running forever
+        from sparselab.tracking import reconcile
+        reconcile(client, found.experiment_id)
     rows = rep.collect(client, experiment, cells, parent_run, all_runs)
     if not any(r.run_id for r in rows):
         raise UserError(f"no runs of '{experiment}' in the tracking store; run it first: "

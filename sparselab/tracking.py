@@ -162,9 +162,12 @@ class Tracker:
                                                                artifact_location=location)
         else:
             self.experiment_id = found.experiment_id
+            reconcile(self.client, self.experiment_id)
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
-        tags = dict(tags)
+        from sparselab.cache import process_identity
+        tags = {**tags, **{f"sparselab.owner.{k}": str(v if v is not None else "")
+                           for k, v in process_identity().items()}}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
@@ -213,6 +216,29 @@ class Tracker:
                           "and attributes.status = 'FINISHED'",
             max_results=1, order_by=["attributes.start_time DESC"])
         return runs[0].info.run_id if runs else None
+
+
+def reconcile(client, experiment_id: str) -> list[str]:
+    """Mark KILLED (with a note) the RUNNING runs whose owner process on this host is gone: a
+    run killed with SIGKILL, or on a machine that lost power, cannot close its runs itself.
+    Runs owned on other hosts are left alone (whether their owner lives cannot be seen here)."""
+    from sparselab.cache import owner_alive, process_identity
+    me = process_identity()
+    closed = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                  max_results=5000):
+        tags = run.data.tags
+        owner = {k: tags.get(f"sparselab.owner.{k}") or None for k in ("host", "pid", "pid_start")}
+        if owner_alive(owner) is False:
+            client.set_tag(run.info.run_id, "sparselab.note",
+                           f"its process (pid {owner['pid']} on {owner['host']}) ended without "
+                           f"closing the run; marked KILLED by pid {me['pid']} at "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    if closed:
+        log.warning("marked %d run(s) KILLED whose process had died while they ran", len(closed))
+    return closed
 
 
 def _param_value(value: Any) -> str:

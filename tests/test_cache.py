@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -59,15 +60,19 @@ def test_killed_stage_leaves_no_entry_and_gc_cleans(tmp_path):
     assert not leftovers[0].exists()
 
 
-def test_gc_keeps_a_live_writers_folder_until_it_is_old(tmp_path):
+def test_gc_never_touches_a_live_writers_folder(tmp_path):
     cache = StageCache(tmp_path)
-    with pytest.raises(FileNotFoundError):  # the writer then fails: no entry from a half folder
-        with cache.writing("prune", "abc", {}) as out:
-            assert cache.gc(older_than_s=3600) == []  # ours, and we are alive
-            old = time.time() - 7200
-            os.utime(out, (old, old))
-            assert cache.gc(older_than_s=3600) == [out]  # old: treated as abandoned
-    assert cache.entry("prune", "abc") is None
+    with pytest.raises(FileNotFoundError), cache.writing("prune", "abc", {}) as out:
+        old = time.time() - 7200
+        os.utime(out, (old, old))
+        assert cache.gc(older_than_s=3600) == []  # old, but its writer (we) is alive
+        (out / "owner.json").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+        assert cache.gc(older_than_s=3600, dry_run=True) == [out]  # another host's: by age
+        assert out.exists()  # a dry run removes nothing
+        (out / "owner.json").write_text(json.dumps({"host": socket.gethostname(),
+                                                    "pid": os.getpid(), "pid_start": "0"}))
+        assert cache.gc(older_than_s=1e9) == [out]  # our pid, another start time: reused pid
+    assert cache.entry("prune", "abc") is None  # the writer then fails: no entry from it
 
 
 def test_lock_serialises_the_same_key(tmp_path):

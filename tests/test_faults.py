@@ -125,3 +125,39 @@ def test_an_entry_made_by_another_runner_while_waiting_is_not_computed_again(tmp
     entry = runner.ensure(stage, plan)
     thread.join()
     assert entry.meta["by"] == "other" and stage.key not in runner.computed
+
+
+# --- what a dead process leaves behind is reconciled by the next command ------------------------
+
+DIES_RUNNING = """
+import os
+from sparselab.tracking import Tracker
+tracker = Tracker("bad")
+parent = tracker.start_run("parent", {})
+tracker.start_run("a", {"sparselab.cell": "a"}, parent)
+os._exit(9)  # as SIGKILL would: no chance to close the runs
+"""
+
+
+def test_runs_of_a_dead_process_are_marked_killed_and_its_leftovers_removed(workspace):
+    import json
+    import os
+    import socket
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    died = subprocess.run([sys.executable, "-c", DIES_RUNNING], env=env, cwd=workspace,
+                          capture_output=True, text=True, timeout=300)
+    assert died.returncode == 9, died.stderr[-2000:]
+    parents, children = _runs(workspace)
+    assert [r.info.status for r in parents + list(children.values())] == ["RUNNING"] * 2
+    leftover = workspace / "home" / "tmp" / "prune-abc-12345678"
+    leftover.mkdir(parents=True)
+    (leftover / "owner.json").write_text(json.dumps(  # above Linux's pid_max: a dead writer
+        {"host": socket.gethostname(), "pid": 2**22 + 1}))
+    result = CliRunner().invoke(main, ["run", str(write(workspace / "m.yaml", GOOD)),
+                                       "--only", "a"])
+    assert result.exit_code == 0, result.output
+    parents, children = _runs(workspace)
+    dead = [r for r in parents if r.data.tags.get("mlflow.runName") == "parent"][0]
+    assert dead.info.status == "KILLED" and "ended without closing" in dead.data.tags["sparselab.note"]
+    assert all(r.info.status != "RUNNING" for r in parents + list(children.values()))
+    assert not leftover.exists()
