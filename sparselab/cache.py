@@ -4,10 +4,19 @@ An entry is `stages/<stage>/<key>/` holding `meta.json`, `metrics.json`, `artifa
 stages that produce a model, `model/` (or `adapter/`). It is written into `tmp/` and renamed into
 place only when complete, so a killed stage leaves no entry; a file lock per key keeps two runners
 from computing the same key at once (the second waits, then finds the entry).
+
+Entries are verified, not trusted: `files.json` records the size and sha256 of every file when the
+entry is committed. Every read checks the sizes and the hashes of the small files (metadata,
+metrics, per-example scores); the weights are hashed in full by `cache verify` and before a stage
+is computed from them (`StageRunner`). An entry that fails is moved to `damaged/` (kept for a look,
+never read again) and counts as absent, so it is recomputed; the log says so. Entries written
+before checksums existed have no `files.json` and are read as they are.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -20,6 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+
+log = logging.getLogger("sparselab")
+
+MANIFEST = "files.json"
+SMALL_FILE = 1 << 20  # files up to this size are hashed on every read
 
 
 def sparselab_home() -> Path:
@@ -53,9 +67,31 @@ class StageCache:
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else sparselab_home()
 
-    def entry(self, stage: str, key: str) -> Entry | None:
+    def entry(self, stage: str, key: str, full: bool = False) -> Entry | None:
+        """The entry, or None when there is none or it is damaged (then it is set aside).
+        `full`: hash every file, weights included, not only the small ones."""
         path = self.root / "stages" / stage / key
-        return Entry(stage, key, path) if (path / "meta.json").is_file() else None
+        if not (path / "meta.json").is_file():
+            return None
+        entry = Entry(stage, key, path)
+        problem = damage(path, full)
+        if problem:
+            self.set_aside(entry, problem)
+            return None
+        return entry
+
+    def set_aside(self, entry: Entry, problem: str) -> Path | None:
+        """Move a damaged entry to damaged/ with a note; it will be recomputed."""
+        target = self.root / "damaged" / f"{entry.stage}-{entry.key}-{uuid.uuid4().hex[:8]}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(entry.path, target)
+        except OSError:  # another runner set it aside first
+            return None
+        (target / "damage.txt").write_text(problem + "\n")
+        log.warning("cache entry %s/%s is damaged (%s): set aside to %s; it will be recomputed",
+                    entry.stage, entry.key, problem, target)
+        return target
 
     @contextmanager
     def lock(self, stage: str, key: str) -> Iterator[None]:
@@ -77,6 +113,7 @@ class StageCache:
             (tmp / "meta.json").write_text(json.dumps(
                 {**meta, "stage": stage, "key": key, "created": time.time(),
                  "host": socket.gethostname()}, indent=2, default=str))
+            (tmp / MANIFEST).write_text(json.dumps(manifest(tmp), indent=1))
             final = self.root / "stages" / stage / key
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists():  # computed by someone who did not hold our lock: keep theirs
@@ -126,6 +163,42 @@ class StageCache:
         for folder in orphans:
             shutil.rmtree(folder, ignore_errors=True)
         return orphans
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """relative path -> size and sha256 of every file of an entry folder (but the manifest)."""
+    return {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
+
+
+def damage(folder: Path, full: bool = False) -> str | None:
+    """What is wrong with an entry folder against its manifest, or None: a missing or resized
+    file always, a changed hash of a small file always and of any file with `full`."""
+    try:
+        recorded = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None  # an entry from before checksums: read as it is
+    except (OSError, ValueError) as exc:
+        return f"its {MANIFEST} is unreadable ({exc})"
+    for name, expected in recorded.items():
+        path = folder / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if size != expected["size"]:
+            return f"{name} has {size} bytes, {expected['size']} were written"
+        if (full or size <= SMALL_FILE) and _sha256(path) != expected["sha256"]:
+            return f"{name} has changed since it was written (sha256)"
+    return None
 
 
 def process_identity(pid: int | None = None) -> dict[str, Any]:

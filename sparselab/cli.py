@@ -42,9 +42,18 @@ def main(verbose: bool) -> None:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     logging.getLogger("sparselab").setLevel(logging.INFO)
-    if verbose:
-        from rich.logging import RichHandler
-        logging.getLogger("sparselab").addHandler(RichHandler(console=console, show_path=False))
+    from rich.logging import RichHandler
+    # warnings (a damaged cache entry set aside, a store being waited for) always reach the
+    # console; every message with --verbose
+    logger = logging.getLogger("sparselab")
+    for old in [h for h in logger.handlers if getattr(h, "sparselab_console", False)]:
+        logger.removeHandler(old)  # one per process, however often main() is invoked
+    handler = RichHandler(console=console, show_path=False, show_time=verbose,
+                          level=logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # errors reach the console as the run's own summary (tracebacks: artifacts)
+        handler.addFilter(lambda record: record.levelno == logging.WARNING)
+    handler.sparselab_console = True
+    logger.addHandler(handler)
 
 
 def prepare_plans(matrix: str, only: str | None, sets: tuple[str, ...], data_dir: str | None,
@@ -273,9 +282,68 @@ def cache_ls() -> None:
     for column in ("stage", "key", "size", "what"):
         table.add_column(column)
     for entry in store.entries():
-        table.add_row(entry.stage, entry.key, f"{entry.size() / 1e6:.1f} MB",
-                      entry.meta.get("label", ""))
+        try:
+            what = entry.meta.get("label", "")
+        except (OSError, ValueError) as exc:  # a garbled entry is listed, not a traceback
+            what = f"[red]damaged: meta.json unreadable ({type(exc).__name__})[/]"
+        table.add_row(entry.stage, entry.key, f"{entry.size() / 1e6:.1f} MB", what)
     console.print(table)
+
+
+@cache.command(name="verify")
+def cache_verify() -> None:
+    """Hash every file of every entry against what was written; set damaged ones aside."""
+    from sparselab.cache import StageCache
+    store = StageCache()
+    entries = store.entries()
+    bad = [e for e in entries if store.entry(e.stage, e.key, full=True) is None]
+    for entry in bad:
+        console.print(f"[red]damaged[/] {entry.stage}/{entry.key}: set aside to "
+                      f"{store.root / 'damaged'}; the next run recomputes it")
+    console.print(f"{len(entries) - len(bad)} of {len(entries)} entries intact")
+    if bad:
+        sys.exit(1)
+
+
+@cache.command(name="rm")
+@click.argument("keys", nargs=-1)
+@click.option("--cell", help="Remove this cell's entries that no other cell of --matrix uses.")
+@click.option("--matrix", type=click.Path(dir_okay=False), help="The matrix --cell belongs to.")
+@_data_dir
+def cache_rm(keys, cell, matrix, data_dir) -> None:
+    """Remove entries by key (KEY..., a unique prefix is enough) or by cell (--cell NAME
+    --matrix FILE); the next run recomputes them."""
+    import shutil
+
+    from sparselab.cache import StageCache
+    store = StageCache()
+    entries = store.entries()
+    doomed = []
+    for key in keys:
+        found = [e for e in entries if e.key.startswith(key)]
+        if len(found) != 1:
+            raise UserError(f"cache rm: key '{key}' matches {len(found)} entries"
+                            + (f" ({', '.join(f'{e.stage}/{e.key}' for e in found)}); give more "
+                               "of it." if found else "; `sparselab cache ls` lists them."))
+        doomed += found
+    if cell:
+        if not matrix:
+            raise UserError("cache rm --cell needs --matrix, the file the cell belongs to.")
+        plans = prepare_plans(matrix, None, (), data_dir)[1]
+        mine = [p for p in plans if p.cell.name == cell]
+        if not mine:
+            raise UserError("cache rm --cell: " + unknown_name("cell", cell,
+                                                                [p.cell.name for p in plans]))
+        others = {stage.key for p in plans if p.cell.name != cell for _, stage in p.roles()}
+        shared = [stage.label for _, stage in mine[0].roles() if stage.key in others]
+        own = {stage.key for _, stage in mine[0].roles() if stage.key not in others}
+        doomed += [e for e in entries if e.key in own]
+        if shared:
+            console.print(f"kept, shared with other cells: {'; '.join(shared)}")
+    for entry in doomed:
+        shutil.rmtree(entry.path, ignore_errors=True)
+        console.print(f"removed {entry.stage}/{entry.key}")
+    console.print(f"removed {len(doomed)} entr{'y' if len(doomed) == 1 else 'ies'}")
 
 
 @cache.command(name="gc")

@@ -83,6 +83,10 @@ class StageRunner:
         entry = self.ensure(stage, plan)
         if self._held and self._held[0] == stage.key:
             return self._held[1]
+        if not stage.external:  # its weights are about to be used: hash them in full first
+            entry = self.cache.entry(stage.kind, stage.key, full=True) or self.ensure(stage, plan)
+            if self._held and self._held[0] == stage.key:  # it was damaged and is recomputed
+                return self._held[1]
         self._held = None  # free the memory of the old model before loading the next
         cfg = plan.cell.config
         if stage.kind == "load" and stage.external:

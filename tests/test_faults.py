@@ -63,12 +63,16 @@ def _runs(workspace, experiment="bad"):
     return parents, children
 
 
-def test_an_unreadable_entry_fails_its_cell_and_the_others_run(workspace):
+def test_a_legacy_entry_that_cannot_be_read_fails_its_cell_and_the_others_run(workspace):
+    """An entry from before checksums (no files.json) is read as it is: if it is garbled,
+    recording fails that cell alone."""
     path = write(workspace / "m.yaml", GOOD)
     assert CliRunner().invoke(main, ["run", str(path)]).exit_code == 0
     _, children = _runs(workspace)
-    key = children["a"].data.tags["sparselab.stage.perplexity.key"]
-    (workspace / "home" / "stages" / "perplexity" / key / "metrics.json").write_text("{garbled")
+    entry = (workspace / "home" / "stages" / "perplexity" /
+             children["a"].data.tags["sparselab.stage.perplexity.key"])
+    (entry / "files.json").unlink()
+    (entry / "metrics.json").write_text("{garbled")
     result = CliRunner().invoke(main, ["run", str(path), "--rerun"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     parents, children = _runs(workspace)
@@ -76,6 +80,52 @@ def test_an_unreadable_entry_fails_its_cell_and_the_others_run(workspace):
     assert children["a"].info.status == "FAILED"
     assert "recording the results failed" in children["a"].data.tags["sparselab.error"]
     assert children["b"].info.status == children["dense"].info.status == "FINISHED"
+
+
+# --- cache entries are verified, not trusted ----------------------------------------------------
+
+def test_damaged_entries_are_set_aside_and_recomputed(workspace):
+    path = write(workspace / "m.yaml", GOOD)
+    assert CliRunner().invoke(main, ["run", str(path)]).exit_code == 0
+    _, children = _runs(workspace)
+    clean = children["a"].data.metrics
+    stages = workspace / "home" / "stages"
+    tags = children["a"].data.tags
+    # a garbled small file is caught on every read
+    (stages / "perplexity" / tags["sparselab.stage.perplexity.key"] / "metrics.json").write_text(
+        "{garbled")
+    # zeroed weights (same size) are caught when a stage is about to be computed from them
+    weights = next((stages / "prune" / tags["sparselab.stage.prune.key"]).rglob("*.safetensors"))
+    with weights.open("r+b") as handle:
+        handle.seek(weights.stat().st_size // 2)
+        handle.write(b"\0" * 4096)
+    result = CliRunner().invoke(main, ["run", str(path), "--rerun", "--only", "a",
+                                       "--set", "evaluate.perplexity.max_windows=3"])
+    assert result.exit_code == 0, result.output
+    assert "is damaged" in result.output
+    damaged = sorted(p.name.split("-")[0] for p in (workspace / "home" / "damaged").iterdir())
+    assert damaged == ["prune"]  # the new evaluation needed the pruned weights: hashed in full
+    result = CliRunner().invoke(main, ["run", str(path), "--rerun", "--only", "a"])
+    assert result.exit_code == 0, result.output
+    damaged = sorted(p.name.split("-")[0] for p in (workspace / "home" / "damaged").iterdir())
+    assert damaged == ["perplexity", "prune"]
+    _, children = _runs(workspace)
+    again = children["a"].data.metrics
+    for name in ("wikitext2.ppl", "wikitext2.ppl_pruned", "sparsity.linear"):
+        assert again[name] == clean[name], name  # recomputed, not mixed with corrupt weights
+    # cache ls survives a garbled entry; verify finds what is damaged; rm removes by key
+    entry = stages / "load" / tags["sparselab.stage.load.key"]
+    (entry / "meta.json").write_text("{garbled")
+    listed = CliRunner().invoke(main, ["cache", "ls"])
+    assert listed.exit_code == 0 and "damaged" in listed.output
+    verified = CliRunner().invoke(main, ["cache", "verify"])
+    assert verified.exit_code == 1 and f"load/{entry.name}" in verified.output
+    assert not entry.exists()
+    key = tags["sparselab.stage.perplexity.key"]
+    assert CliRunner().invoke(main, ["cache", "rm", key[:8]]).exit_code == 0
+    assert not (stages / "perplexity" / key).exists()
+    gone = CliRunner().invoke(main, ["cache", "rm", "zzzz"])
+    assert gone.exit_code == 2 and "matches 0 entries" in gone.output
 
 
 def test_a_signal_while_recording_marks_the_cell_killed(workspace, monkeypatch):
