@@ -260,12 +260,61 @@ def list_registered() -> None:
 @main.command()
 @click.option("--port", default=5000, show_default=True)
 def ui(port: int) -> None:
-    """Start the MLflow UI on 127.0.0.1 against the project's tracking store."""
+    """Start the MLflow UI on 127.0.0.1 against the project's tracking store.
+
+    The server and its workers run in their own process group: Ctrl-C or SIGTERM stops all of
+    them. The address is printed once the server answers."""
+    import signal
+    import urllib.request
+
     from sparselab.tracking import tracking_uri
     uri = tracking_uri()
-    console.print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C stops it)")
-    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                    "--host", "127.0.0.1", "--port", str(port)], check=False)
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              start_new_session=True)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        if server.poll() is not None:
+            raise UserError(f"the MLflow UI stopped before it answered on {url} (exit code "
+                            f"{server.returncode}); is port {port} in use? Try --port.",
+                            key="--port")
+        console.print(f"MLflow UI for {uri} on {url} (Ctrl-C stops it)")
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop_group(server)
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process's whole group, then SIGKILL what is left after `grace_s`."""
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            process.poll()
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
 
 
 @main.group()

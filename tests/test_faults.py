@@ -211,3 +211,40 @@ def test_runs_of_a_dead_process_are_marked_killed_and_its_leftovers_removed(work
     assert dead.info.status == "KILLED" and "ended without closing" in dead.data.tags["sparselab.note"]
     assert all(r.info.status != "RUNNING" for r in parents + list(children.values()))
     assert not leftover.exists()
+
+
+# --- the UI stops with everything it started ----------------------------------------------------
+
+def test_ui_stopped_with_sigterm_leaves_no_server_behind(workspace):
+    import os
+    import signal
+    import socket
+    import time
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI":
+           f"sqlite:///{workspace}/mlflow.db"}
+    ui = subprocess.Popen([sys.executable, "-m", "sparselab", "ui", "--port", str(port)],
+                          env=env, cwd=workspace, stdout=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not lines or f"http://127.0.0.1:{port}" not in lines[-1]:
+            lines.append(ui.stdout.readline())  # the server's own lines come first
+            assert lines[-1], "".join(lines)
+        with socket.create_connection(("127.0.0.1", port), timeout=5):  # printed once it answers
+            pass
+        ui.send_signal(signal.SIGTERM)
+        assert ui.wait(timeout=60) is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the server's whole group is gone: the port frees
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"something still listens on port {port} after SIGTERM")
+    finally:
+        if ui.poll() is None:
+            ui.kill()
