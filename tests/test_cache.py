@@ -106,3 +106,16 @@ def test_gc_keeps_only_listed_keys(tmp_path):
     removed = cache.gc(keep={"a"})
     assert [e.key for e in cache.entries()] == ["a"]
     assert len(removed) == 1
+
+
+def test_an_entry_missing_a_file_is_set_aside(tmp_path):
+    cache = StageCache(tmp_path)
+    with cache.writing("recover", "abc", {}) as out:
+        (out / "steps.json").write_text("[]")
+        (out / "metrics.json").write_text("{}")
+    assert cache.entry("recover", "abc") is not None
+    (tmp_path / "stages" / "recover" / "abc" / "steps.json").unlink()
+    assert cache.entry("recover", "abc") is None  # counts as absent: it will be recomputed
+    [aside] = (tmp_path / "damaged").iterdir()
+    assert "steps.json is missing" in (aside / "damage.txt").read_text()
+    assert not (tmp_path / "stages" / "recover" / "abc").exists()
