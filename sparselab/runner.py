@@ -157,6 +157,11 @@ def compute_recover(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path
     cfg = plan.cell.config
     method = RECOVERY.get(cfg.recover.method)()
     ctx = RecoverContext(cfg, plan.source, out / "artifacts", log)
+    if not stage.parent.external:
+        # an adapter records its base by this name: the (pruned) model it was trained on, not
+        # the folder the dense weights were first read from
+        base = StageCache().root / "stages" / stage.parent.kind / stage.parent.key / "model"
+        loaded.model.name_or_path = loaded.model.config._name_or_path = str(base.resolve())
     recovered, extra = method.recover(loaded, ctx)
     method.save(recovered, out)
     (out / "steps.json").write_text(json.dumps(ctx.step_metrics))

@@ -21,6 +21,10 @@ def _runs(workspace, experiment="smoke"):
     return client, parents, children
 
 
+def prune_keys_of(run) -> str:
+    return run.data.tags["sparselab.stage.prune.key"]
+
+
 def _entries(workspace):
     return sorted(p.relative_to(workspace / "home") for p in (workspace / "home" / "stages").glob("*/*"))
 
@@ -76,6 +80,20 @@ def test_smoke_matrix_end_to_end(workspace):
     assert "stages/tasks/lm_eval_results.json" in task_files
     assert "stages/recover/loss_curve.png" in {
         a.path for a in client.list_artifacts(exp2.info.run_id, "stages/recover")}
+    # the adapter names the pruned model it was trained on as its base, so peft alone loads
+    # the recovered model (not the dense one plus the adapter)
+    import json
+    from peft import AutoPeftModelForCausalLM
+
+    from sparselab.prune.layers import sparsity_report
+    adapter = workspace / "home" / "stages" / "recover" / tags["sparselab.stage.recover.key"] / \
+        "adapter"
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((workspace / "home" / "stages" / "prune" / prune_keys_of(exp2) /
+                        "model").resolve())
+    standalone = AutoPeftModelForCausalLM.from_pretrained(adapter)
+    assert sparsity_report(standalone)[1]["sparsity.linear"] == pytest.approx(
+        metrics["sparsity.linear"])
 
     # per-example scores of every evaluation stage: they add up to the logged metrics
     from sparselab.evaluate.examples import ExampleScores
@@ -92,7 +110,6 @@ def test_smoke_matrix_end_to_end(workspace):
     # so the report pairs every cell, and its JSON carries a test for every comparison
     report = CliRunner().invoke(main, ["report", str(SMOKE), "--format", "json"])
     assert report.exit_code == 0, report.output
-    import json
     data = json.loads(report.output)
     assert data["paired"] is True and data["expectations"]
     compared = [r for r in data["rows"] if r["cell"] != "baseline" and r["metric"] != "sparsity.linear"
