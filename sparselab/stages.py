@@ -20,9 +20,10 @@ from sparselab.registry import DATASETS, PRUNING
 # Bump a stage's version when its computation or its outputs change, so old cache entries are
 # not reused (answer_loss 2: the answer text and its eos scored apart; the evaluation stages 3/3/2:
 # per-example scores kept for paired comparisons; perplexity 4: float64 loss, the tokenizer's own
-# special tokens; tasks 3: SQuAD v2 under lm-eval's rules plus the abstention-aware variant).
+# special tokens; answer_loss 4: float64 loss; tasks 3: SQuAD v2 under lm-eval's rules plus the
+# abstention-aware variant).
 # A change in the text a dataset gives bumps that dataset's `revision` instead (see `_data_key`).
-STAGE_VERSIONS = {"load": 1, "prune": 1, "recover": 2, "perplexity": 4, "answer_loss": 3,
+STAGE_VERSIONS = {"load": 1, "prune": 1, "recover": 2, "perplexity": 4, "answer_loss": 4,
                   "tasks": 3}
 MODEL_STAGES = ("load", "prune", "recover")
 

@@ -37,7 +37,7 @@ def _direct(model, tokenizer, prompt: str, answer: str) -> list[float]:
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids = torch.tensor([bos + prompt_ids + answer_ids])
     with torch.no_grad():
-        logprobs = model(input_ids=ids).logits[0].float().log_softmax(-1)
+        logprobs = model(input_ids=ids).logits[0].double().log_softmax(-1)  # float64, as scored
     first = len(bos) + len(prompt_ids)
     return [-logprobs[i - 1, ids[0, i]].item() for i in range(first, ids.shape[1])]
 
@@ -57,7 +57,7 @@ def test_answer_loss_matches_a_direct_computation(tiny):
                 "answer_eos_nll": [d[-1] for d in direct]}
     for name, values in expected.items():
         mean, stderr = _mean_and_stderr(values)
-        assert result[name] == pytest.approx(mean, rel=1e-4), name
+        assert result[name] == pytest.approx(mean, rel=1e-6), name
         assert result[name + "_stderr"] == pytest.approx(stderr, rel=1e-3), name
     assert result["answer_examples"] == 3
     assert result["answer_tokens"] == sum(len(d) for d in direct)

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from sparselab.evaluate.perplexity import token_nll
 from sparselab.recover.prompts import IGNORE, collate, task_example
 
 
@@ -42,10 +43,9 @@ def example_losses(model, tokenizer, examples: list[tuple[str, str]], seqlen: in
         batch = {k: v.to(device) for k, v in
                  collate(rendered[start:start + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+                       attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels,
-                                                 ignore_index=IGNORE, reduction="none")
+        loss = token_nll(logits, labels)  # float64, as perplexity: IGNORE (-100) positions get 0
         scored = labels != IGNORE
         positions = torch.arange(labels.shape[1], device=labels.device)
         last = (scored * positions).argmax(dim=1, keepdim=True)  # the closing eos, if kept

@@ -28,6 +28,17 @@ def windows_of(tokenizer, text: str, seqlen: int, max_windows: int | None = None
     return ids[: windows * seqlen].view(windows, seqlen)
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihoods (float64) of `targets` (batch x positions) under
+    `logits` (batch x positions x vocab), one row's float64 copy at a time; targets < 0 (ignored
+    positions) get 0."""
+    out = torch.zeros(targets.shape, dtype=torch.float64, device=targets.device)
+    for row, (scores, wanted) in enumerate(zip(logits, targets)):
+        log_probs = torch.log_softmax(scores.double(), dim=-1)
+        out[row] = -log_probs.gather(1, wanted.clamp(min=0)[:, None])[:, 0] * (wanted >= 0)
+    return out
+
+
 @torch.no_grad()
 def window_losses(model, windows: torch.Tensor, batch_size: int = 4) -> list[float]:
     """The mean next-token loss of each window, in order (the per-example scores of perplexity)."""
@@ -36,10 +47,7 @@ def window_losses(model, windows: torch.Tensor, batch_size: int = 4) -> list[flo
     for start in range(0, len(windows), batch_size):
         batch = windows[start:start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
-        for row, ids in zip(logits, batch):  # one window's float64 copy at a time
-            log_probs = torch.log_softmax(row[:-1].double(), dim=-1)
-            nll = -log_probs.gather(1, ids[1:, None]).mean()
-            window_nll.append(nll.item())
+        window_nll += token_nll(logits[:, :-1], batch[:, 1:]).mean(dim=1).tolist()
     return window_nll
 
 
