@@ -245,6 +245,10 @@ def test_ui_stopped_with_sigterm_leaves_no_server_behind(workspace):
             time.sleep(0.2)
         else:
             pytest.fail(f"something still listens on port {port} after SIGTERM")
-    finally:
+    finally:  # a failed assertion must not leave a server behind either
         if ui.poll() is None:
-            ui.kill()
+            ui.send_signal(signal.SIGTERM)
+            try:
+                ui.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                ui.kill()
