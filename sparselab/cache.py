@@ -155,15 +155,6 @@ class StageCache:
                 shutil.rmtree(folder, ignore_errors=True)
         return doomed
 
-    def remove_orphans(self) -> list[Path]:
-        """Temporary folders of writers on this host that are gone (a killed run's leftovers)."""
-        tmp = self.root / "tmp"
-        orphans = [f for f in tmp.iterdir() if owner_alive(_owner(f)) is False] \
-            if tmp.is_dir() else []
-        for folder in orphans:
-            shutil.rmtree(folder, ignore_errors=True)
-        return orphans
-
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -193,7 +194,7 @@ def run(matrix, only, sets, data_dir, rerun, executor, address, cpus_per_cell, g
                         "at a time in this process).", key="--executor")
     mf, plans = prepare_plans(matrix, only, sets, data_dir, limits)
     cache = StageCache()
-    cache.remove_orphans()  # what killed runs on this host left half-written
+    cache.gc(older_than_s=math.inf)  # only what dead writers on this host left half-written
     runner = (RayExecutor(cache, address, cpus_per_cell, gpus_per_cell, max_concurrent, retries)
               if executor == "ray" else LocalExecutor(cache))
     tracker = Tracker(mf.matrix.name)

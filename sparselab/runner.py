@@ -299,8 +299,8 @@ class CellRun:
                 entries, before = {}, set(runner.computed)
                 for role, stage in self.plan.roles():
                     entries[role] = runner.ensure(stage, self.plan)
-                hits = {role: stage.key not in runner.computed - before
-                        for role, stage in self.plan.roles()}
+                computed_here = runner.computed - before
+                hits = {role: stage.key not in computed_here for role, stage in self.plan.roles()}
             except KeyboardInterrupt:
                 log.warning("interrupted")
                 self._detach(handler)

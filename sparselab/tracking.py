@@ -5,7 +5,6 @@ writers; a team points MLFLOW_TRACKING_URI at an `mlflow server` instead (see tr
 """
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import logging
@@ -72,20 +71,21 @@ def _client():
 
 @contextmanager
 def _sqlite_lock(uri: str):
-    """An exclusive lock beside the SQLite file while the store is opened and migrated."""
+    """An exclusive lock beside the SQLite file while the store is opened and migrated (the
+    stage cache's kind of lock)."""
+    from filelock import FileLock
     path = Path(uri.removeprefix("sqlite:///"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path.with_name(path.name + ".lock"), "a")
+        lock = FileLock(str(path.with_name(path.name + ".lock")))
+        lock.acquire()
     except OSError as exc:
         raise _store_problem(uri, f"its folder {path.parent} cannot be written "
                                   f"({exc.strerror}).") from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _health(uri: str) -> str | None:

@@ -51,9 +51,9 @@ class PruningMethod(abc.ABC):
         if kind not in self.patterns:
             raise ValueError(f"pattern '{config.pattern}' is not supported by method "
                              f"'{config.method}' (supported: {', '.join(self.patterns)}).")
-        if kind == "nm" and not math.isclose(config.sparsity, 1 - args[0] / args[1],
-                                             abs_tol=1e-9):
-            (n, m), implied = args, 1 - args[0] / args[1]
+        implied = 1 - args[0] / args[1] if kind == "nm" else None
+        if implied is not None and not math.isclose(config.sparsity, implied, abs_tol=1e-9):
+            n, m = args
             raise UserError(
                 f"pattern '{config.pattern}' keeps {n} of every {m} weights (sparsity "
                 f"{implied:g}), but prune.sparsity is {config.sparsity:g}; set prune.sparsity: "
