@@ -250,6 +250,42 @@ def run(matrix, only, sets, data_dir, rerun, executor, address, cpus_per_cell, g
         sys.exit(1)
 
 
+@main.command()
+@_matrix_arg
+@click.argument("cell")
+@click.option("--to", "dest", required=True, type=click.Path(file_okay=False),
+              help="A new (or empty) folder for the model.")
+@click.option("--merge", is_flag=True,
+              help="Fold a LoRA adapter into the weights (this fills the pruned weights in).")
+@_set
+@_data_dir
+def export(matrix, cell, dest, merge, sets, data_dir) -> None:
+    """Write a cell's final model as a Hugging Face folder with a model card (a LoRA cell: the
+    pruned base plus its adapter, or merged with --merge)."""
+    from sparselab.export import export_cell
+    from sparselab.tracking import _client
+    mf, plans = prepare_plans(matrix, None, sets, data_dir)
+    mine = [p for p in plans if p.cell.name == cell]
+    if not mine:
+        raise UserError("export: " + unknown_name("cell", cell, [p.cell.name for p in plans]),
+                        key="CELL")
+    client = _client()
+    experiment = client.get_experiment_by_name(mf.matrix.name)
+    runs = [] if experiment is None else client.search_runs(
+        [experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+        filter_string=f"tags.`sparselab.cell_hash` = '{mine[0].cell.hash}' "
+                      "and attributes.status = 'FINISHED'")
+    run_id = runs[0].info.run_id if runs else None
+    exported = export_cell(mine[0], mf.matrix.name, Path(dest), merge, run_id)
+    if run_id:  # the run says where its model went; the card travels with it
+        client.set_tag(run_id, "sparselab.export", str(exported.folder.resolve()))
+        client.log_artifact(run_id, str(exported.folder / "README.md"), "export")
+    sparsity = exported.sparsity.get("sparsity.linear")
+    console.print(f"exported {cell} ({exported.kind}) to {exported.folder}"
+                  + (f", sparsity.linear {sparsity:.4f}" if sparsity is not None else "")
+                  + f"\nload it with: {exported.loader}", highlight=False, soft_wrap=True)
+
+
 @main.command(name="ls")
 def list_registered() -> None:
     """The registered pruning methods, recovery methods, datasets, tasks and models."""
