@@ -183,9 +183,9 @@ def main() -> None:
                    for b in args.batches), size_after / size_before))
     lines += [
         "",
-        f"Removed {int(metrics['params.removed']):,} parameters = "
+        f"Removed {int(metrics['weights.removed']):,} parameters = "
         f"{metrics['prune.prunable_removed_share']:.4f} of the prunable "
-        f"({int(metrics['prune.prunable_params']):,}), {metrics['params.removed_share']:.4f} of "
+        f"({int(metrics['prune.prunable_params']):,}), {metrics['weights.removed_share']:.4f} of "
         f"the model (embeddings stay); {int(metrics['prune.attention_groups_removed'])} of 90 "
         f"attention groups, {int(metrics['prune.mlp_channels_removed'])} of 46,080 MLP channels. "
         f"Per-layer heads/KV heads after: {', '.join(heads)}; MLP channels after: "

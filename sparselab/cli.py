@@ -198,27 +198,31 @@ def run(matrix, only, sets, data_dir, rerun, executor, address, cpus_per_cell, g
     runner = (RayExecutor(cache, address, cpus_per_cell, gpus_per_cell, max_concurrent, retries)
               if executor == "ray" else LocalExecutor(cache))
     tracker = Tracker(mf.matrix.name)
+    outcomes, pending = [], []
+    start = time.perf_counter()
+    for p in plans:
+        previous = None if rerun else tracker.finished_cell(p.cell.hash)
+        if previous:
+            console.print(f"[dim]skip {p.cell.name}: finished in run {previous} "
+                          "(use --rerun to run again)[/]")
+            outcomes.append(CellOutcome(p.cell, "SKIPPED", previous))
+        else:
+            pending.append(p)
+    if not pending:  # nothing to do leaves no empty parent run behind
+        console.print(f"{mf.matrix.name}: all {len(plans)} cells finished before; nothing to "
+                      f"run (experiment '{mf.matrix.name}'; --rerun runs them again)")
+        return
     parent = tracker.start_run(f"{mf.matrix.name} {time.strftime('%Y-%m-%d %H:%M:%S')}", {
         "sparselab.matrix": mf.matrix.name, "sparselab.matrix_file": str(mf.path),
         "sparselab.invocation": " ".join(sys.argv[1:]), "sparselab.executor": executor,
         **environment_tags()})
     tracker.log_artifact(parent, Path(mf.path))
-    outcomes, to_run = [], []
-    start = time.perf_counter()
+    to_run = [CellRun(tracker, parent, p, mf.matrix.name) for p in pending]
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
-        overall = progress.add_task("cells", total=len(plans))
+        overall = progress.add_task("cells", total=len(plans), completed=len(outcomes))
         stage_task = progress.add_task("", total=None)
-        for p in plans:
-            previous = None if rerun else tracker.finished_cell(p.cell.hash)
-            if previous:
-                progress.console.print(f"[dim]skip {p.cell.name}: finished in run {previous} "
-                                       "(use --rerun to run again)[/]")
-                outcomes.append(CellOutcome(p.cell, "SKIPPED", previous))
-                progress.advance(overall)
-            else:
-                to_run.append(CellRun(tracker, parent, p, mf.matrix.name))
 
         def done(outcome: CellOutcome) -> None:
             colour = "green" if outcome.status == "FINISHED" else "red"
@@ -486,6 +490,7 @@ def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, whe
     """Pivot the matrix's MLflow runs into a comparison table (read from the tracking store)."""
     from sparselab import report as rep
     from sparselab.matrix import DENSE, ReportSpec, expand, load_matrix
+    from sparselab.tracking import RENAMED_METRICS
     if not matrix and not experiment:
         raise UserError("give a MATRIX file or --experiment NAME.")
     cells = expect = None
@@ -502,6 +507,9 @@ def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, whe
         spec = mf.matrix.report
         chosen = list(mf.matrix.report.metrics)
         explicit = "metrics" in mf.matrix.report.model_fields_set
+    if expect:  # metric names renamed since the matrix was written read as today's
+        expect = {cell: {RENAMED_METRICS.get(m, m): d for m, d in wanted.items()}
+                  for cell, wanted in expect.items()}
     if baseline_cell and baseline_cell != baseline:
         baseline, expect = baseline_cell, None  # the hypotheses are stated against report.baseline
     client = rep._client()
@@ -516,6 +524,7 @@ def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, whe
     available = sorted({m for r in rows for m in r.metrics if not m.endswith("_stderr")})
     if metrics:
         chosen, explicit = [m.strip() for m in metrics.split(",") if m.strip()], True
+    chosen = [RENAMED_METRICS.get(m, m) for m in chosen]
     if not explicit:  # the default columns: those this store has
         chosen = [m for m in (chosen or ReportSpec().metrics) if m in available]
     if not unpaired:

@@ -31,6 +31,7 @@ from sparselab.errors import UserError, unknown_name
 from sparselab.evaluate.examples import EXAMPLES_FILE, ExampleScores, role_metric
 from sparselab.matrix import ReportSpec, is_dense_reference
 from sparselab.stats import Comparison, adjust, mcnemar_min_discordant, paired, unpaired
+from sparselab.tracking import run_metrics
 
 ARROWS = {"up": "↑", "down": "↓", "same": "≈", "unresolved": "?"}
 PLOT_COLUMNS = 4
@@ -334,7 +335,7 @@ def collect(client, experiment: str, cells: list[str] | None = None,
 
 def _row(run) -> Row:
     return Row(run.data.tags["sparselab.cell"], run.info.status, run.info.run_id,
-               with_evaluation_defaults(dict(run.data.params)), dict(run.data.metrics),
+               with_evaluation_defaults(dict(run.data.params)), run_metrics(run),
                dict(run.data.tags))
 
 

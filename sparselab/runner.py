@@ -24,7 +24,7 @@ from sparselab.models import (LoadedModel, compute_device_name, load_model, mode
                               save_model)
 from sparselab.registry import DATASETS, PRUNING, RECOVERY
 from sparselab.stages import CellPlan, Stage
-from sparselab.tracking import environment_tags
+from sparselab.tracking import current_names, environment_tags, split_stderr
 
 log = logging.getLogger("sparselab")
 
@@ -251,7 +251,7 @@ def cell_metrics(plan: CellPlan, entries: dict[str, Entry]) -> dict[str, float]:
                 metrics[key] = value
     if {"perplexity", "answer_loss", "tasks"} & entries.keys():
         metrics["time.evaluate_s"] = evaluate_s
-    return metrics
+    return current_names(metrics)
 
 
 class CellRun:
@@ -328,11 +328,14 @@ class CellRun:
                 **{f"sparselab.stage.{role}.cache": "hit" if hit else "miss"
                    for role, hit in hits.items()}, **(tags or {})})
             metrics = cell_metrics(self.plan, entries)
-            self.tracker.log_metrics(run_id, metrics)
+            values, stderr_tags = split_stderr(metrics)
+            self.tracker.log_metrics(run_id, values)
+            self.tracker.set_tags(run_id, stderr_tags)
             if "recover" in entries:
                 steps = json.loads((entries["recover"].path / "steps.json").read_text())
                 for name in sorted({k for step in steps for k in step}):
                     self.tracker.log_series(run_id, name, [s[name] for s in steps if name in s])
+            self.tracker.mark_latest(run_id, self.plan.cell.name)
         except KeyboardInterrupt:
             self.close("KILLED", log_text)
             raise

@@ -149,6 +149,42 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
+# MLflow's search syntax reads `params.x` as a parameter, so metrics named `params.*` could not be
+# filtered on: they are `weights.*`. Runs and cache entries from before the rename read as the new.
+RENAMED_METRICS = {f"params.{old}": f"weights.{old}" for old in (
+    "total", "nonzero", "total_before", "total_after", "removed", "removed_share")}
+# A metric's standard error is a tag of its run, not a metric of its own: the UI's chart view
+# would draw each as a one-point chart beside the metric it qualifies.
+STDERR_TAG = "sparselab.stderr."
+LATEST_TAG = "sparselab.latest"
+# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; training runs
+# belong in the runs table with their params and metrics.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def current_names(metrics: dict[str, float]) -> dict[str, float]:
+    return {RENAMED_METRICS.get(name, name): value for name, value in metrics.items()}
+
+
+def split_stderr(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, str]]:
+    """(the metrics without their `_stderr` companions, those as `sparselab.stderr.<metric>` tags)."""
+    values = {k: v for k, v in metrics.items() if not k.endswith("_stderr")}
+    tags = {STDERR_TAG + k[: -len("_stderr")]: repr(float(v)) for k, v in metrics.items()
+            if k.endswith("_stderr")}
+    return values, tags
+
+
+def run_metrics(run) -> dict[str, float]:
+    """A run's metrics under today's names, with the standard errors (tags, or metrics in runs
+    logged before they moved) as `<metric>_stderr`."""
+    metrics = current_names(dict(run.data.metrics))
+    for tag, value in run.data.tags.items():
+        if tag.startswith(STDERR_TAG):
+            metrics[RENAMED_METRICS.get(tag[len(STDERR_TAG):], tag[len(STDERR_TAG):]) + "_stderr"] = \
+                float(value)
+    return metrics
+
+
 class Tracker:
     def __init__(self, experiment: str):
         self.client = _client()
@@ -163,6 +199,8 @@ class Tracker:
         else:
             self.experiment_id = found.experiment_id
             reconcile(self.client, self.experiment_id)
+        if found is None or found.tags.get(KIND_TAG) != KIND:
+            self.client.set_experiment_tag(self.experiment_id, KIND_TAG, KIND)
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
         from sparselab.cache import process_identity
@@ -207,6 +245,17 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
+
+    def mark_latest(self, run_id: str, cell: str) -> None:
+        """Make `run_id` the run that `tags.sparselab.latest = 'true'` finds for its cell: one
+        filter in the UI shows the newest finished run of every cell."""
+        older = self.client.search_runs([self.experiment_id],
+                                        filter_string=f"tags.`{LATEST_TAG}` = 'true'",
+                                        max_results=5000)
+        for run in older:  # compared here: a cell name may hold any character
+            if run.data.tags.get("sparselab.cell") == cell and run.info.run_id != run_id:
+                self.client.set_tag(run.info.run_id, LATEST_TAG, "false")
+        self.client.set_tag(run_id, LATEST_TAG, "true")
 
     def finished_cell(self, cell_hash: str) -> str | None:
         """The id of a FINISHED child run with this cell hash, if one exists."""

@@ -129,8 +129,8 @@ def test_ratio_kept_output_equals_masked_original_and_artifacts(pruned_both):
     assert analysis["metric"] == "removal" and analysis["num_layers"] == 4
     before = sum(p.numel() for p in original.model.parameters())
     after = sum(p.numel() for p in model.parameters())
-    assert metrics["params.total_before"] == before
-    assert metrics["params.removed_share"] == pytest.approx((before - after) / before)
+    assert metrics["weights.total_before"] == before
+    assert metrics["weights.removed_share"] == pytest.approx((before - after) / before)
 
 
 def test_save_load_round_trip_is_bit_identical(pruned_both, tmp_path):
@@ -396,7 +396,7 @@ defaults:
     runs = [r for r in client.search_runs([exp.experiment_id])
             if r.data.tags.get("sparselab.cell") == "default"]
     metrics = runs[0].data.metrics
-    assert metrics["params.total"] < metrics["params.total_before"]
+    assert metrics["weights.total"] < metrics["weights.total_before"]
     assert "wikitext2.ppl" in metrics and "wikitext2.ppl_pruned" in metrics
 
 

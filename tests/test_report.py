@@ -466,3 +466,19 @@ def test_a_setting_added_later_reads_as_its_default():
     drawn = Row("b", "FINISHED", "r2", {**old, "evaluate.sample": "random"}, metrics)
     assert not isinstance(compare(first, base, "boolq.acc"), Refusal)
     assert "evaluate.sample random vs first" in compare(drawn, base, "boolq.acc").reason
+
+
+def test_runs_logged_before_the_renames_read_under_todays_names():
+    """`params.*` metrics (now `weights.*`) and stderr metrics (now `sparselab.stderr.` tags)
+    of old runs read the same as new runs."""
+    from types import SimpleNamespace
+
+    from sparselab.tracking import run_metrics, split_stderr
+    old = SimpleNamespace(data=SimpleNamespace(
+        metrics={"params.total": 10.0, "boolq.acc": 0.6, "boolq.acc_stderr": 0.05}, tags={}))
+    values, tags = split_stderr({"weights.total": 10.0, "boolq.acc": 0.6,
+                                 "boolq.acc_stderr": 0.05})
+    new = SimpleNamespace(data=SimpleNamespace(metrics=values, tags=tags))
+    assert tags == {"sparselab.stderr.boolq.acc": "0.05"}
+    assert run_metrics(old) == run_metrics(new) == {"weights.total": 10.0, "boolq.acc": 0.6,
+                                                    "boolq.acc_stderr": 0.05}

@@ -34,6 +34,9 @@ def test_smoke_matrix_end_to_end(workspace):
     assert result.exit_code == 0, result.output
     client, parents, children = _runs(workspace)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # the UI opens it as a training experiment (runs table), not MLflow 3's GenAI view
+    assert client.get_experiment_by_name("smoke").tags["mlflow.experimentKind"] == \
+        "custom_model_development"
     by_cell = {r.data.tags["sparselab.cell"]: r for r in children}
     assert sorted(by_cell) == ["baseline", "dense", "exp1", "exp2", "exp3", "exp4"]
     exp2 = by_cell["exp2"]
@@ -52,12 +55,16 @@ def test_smoke_matrix_end_to_end(workspace):
     # metrics
     metrics = exp2.data.metrics
     assert abs(metrics["sparsity.linear"] - 0.5) < 0.01
-    assert metrics["params.nonzero"] < metrics["params.total"]
+    assert metrics["weights.nonzero"] < metrics["weights.total"]
     for name in ("wikitext2.ppl", "wikitext2.ppl_pruned", "time.load_s", "time.prune_s",
                  "time.recover_s", "time.evaluate_s", "squadv2.exact", "squadv2.f1",
                  "gsm8k.exact_match", "gsm8k.exact_match_strict", "boolq.acc",
-                 "boolq.acc_stderr", "train.eval_loss"):
+                 "train.eval_loss"):
         assert name in metrics, name
+    # standard errors are tags of the run, not one-point metrics of their own
+    assert not any(name.endswith("_stderr") for name in metrics)
+    assert float(tags["sparselab.stderr.boolq.acc"]) >= 0
+    assert float(tags["sparselab.stderr.wikitext2.ppl"]) > 0
     assert 0 <= metrics["boolq.acc"] <= 1 and 0 <= metrics["squadv2.f1"] <= 100
     losses = client.get_metric_history(exp2.info.run_id, "train.loss")
     assert len(losses) == 4 and sorted(m.step for m in losses) == [0, 1, 2, 3]
@@ -123,16 +130,23 @@ def test_smoke_matrix_end_to_end(workspace):
     entries = _entries(workspace)
     again = CliRunner().invoke(main, ["run", str(SMOKE)])
     assert again.exit_code == 0 and again.output.count("skip ") == 6
+    assert "nothing to run" in again.output
     assert _entries(workspace) == entries
+    assert len(_runs(workspace)[1]) == 1  # and leaves no empty parent run
     # --rerun makes new runs from the cache alone
     rerun = CliRunner().invoke(main, ["run", str(SMOKE), "--rerun", "--only", "exp1"])
     assert rerun.exit_code == 0, rerun.output
-    _, parents, children = _runs(workspace)
+    client, parents, children = _runs(workspace)
     newest = max(children, key=lambda r: r.info.start_time)
     assert newest.data.tags["sparselab.cell"] in ("exp1", "dense")
     assert all(v == "hit" for k, v in newest.data.tags.items() if k.endswith(".cache"))
     assert newest.data.metrics["wikitext2.ppl"] == pytest.approx(
         by_cell[newest.data.tags["sparselab.cell"]].data.metrics["wikitext2.ppl"])
+    # one filter finds the newest finished run of every cell
+    latest = client.search_runs([children[0].info.experiment_id],
+                                filter_string="tags.`sparselab.latest` = 'true'")
+    assert sorted(r.data.tags["sparselab.cell"] for r in latest) == sorted(by_cell)
+    assert newest.info.run_id in {r.info.run_id for r in latest}
     assert _entries(workspace) == entries
 
 

@@ -101,7 +101,7 @@ def sparsity_report(model: nn.Module) -> tuple[dict[str, dict[str, float]], dict
     params_total = sum(p.numel() for p in model.parameters())
     params_nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     overall = {"sparsity.linear": zeros / total if total else 0.0,
-               "params.total": float(params_total), "params.nonzero": float(params_nonzero)}
+               "weights.total": float(params_total), "weights.nonzero": float(params_nonzero)}
     if deltas:
         overall["sparsity.effective"] = effective_zeros / total
         overall["sparsity.effective_adapted"] = adapted_zeros / adapted_total
