@@ -35,14 +35,27 @@ class Command(click.Group):
 
 @click.group(cls=Command)
 @click.option("-v", "--verbose", is_flag=True, help="Log stage details to the terminal.")
-def main(verbose: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """Prune LLMs, recover them, evaluate them: one YAML matrix in, comparable MLflow runs out."""
+    ctx.obj = {"verbose": verbose}
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our progress display, not theirs
+    # read when transformers / huggingface_hub are imported (lazily, by the stages): our
+    # progress display, not theirs
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
+    console.file = sys.stdout  # bound now: stages redirect sys.stdout to the cell's log
+    console_logging(verbose)
+
+
+def console_logging(verbose: bool) -> None:
+    """sparselab's log on the console: warnings always, every message with -v."""
     logging.getLogger("sparselab").setLevel(logging.INFO)
+    # MLflow's INFO lines (creating a store's tables) are its business, not the user's; the
+    # variable counts when mlflow is first imported, the level if it already was
+    level = "INFO" if verbose else "WARNING"
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", level)
+    logging.getLogger("mlflow").setLevel(level)
     from rich.logging import RichHandler
     # warnings (a damaged cache entry set aside, a store being waited for) always reach the
     # console; every message with --verbose
@@ -177,15 +190,33 @@ def plan(matrix, only, sets, data_dir, limits) -> None:
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
               help="Retry a Ray task whose worker died this many times.")
 @_limits
-def run(matrix, only, sets, data_dir, rerun, executor, address, cpus_per_cell, gpus_per_cell,
-        max_concurrent, retries, limits) -> None:
-    """Run the matrix: one MLflow child run per cell under one parent run."""
+@click.option("-v", "--verbose", is_flag=True,
+              help="Log stage details and show the libraries' own output (same as sparselab -v).")
+@click.pass_obj
+def run(obj, verbose, matrix, only, sets, data_dir, rerun, executor, address, cpus_per_cell,
+        gpus_per_cell, max_concurrent, retries, limits) -> None:
+    """Run the matrix: one MLflow child run per cell under one parent run.
+
+    The terminal shows sparselab's progress; the libraries' warnings and progress bars go to
+    each cell's log (an artifact of its run). `sparselab -v run ...` shows both."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    class CountColumn(TextColumn):
+        """done/total, or nothing for a task without a total (the current stage)."""
+        def __init__(self):
+            super().__init__("")
+
+        def render(self, task):
+            from rich.text import Text
+            return Text(f"{int(task.completed)}/{int(task.total)}" if task.total else "")
 
     from sparselab.cache import StageCache
     from sparselab.executors import Events, LocalExecutor, RayExecutor
     from sparselab.runner import CellOutcome, CellRun
     from sparselab.tracking import Tracker, environment_tags
+    verbose = verbose or obj["verbose"]
+    if verbose:
+        console_logging(verbose)
     ray_only = {"--address": address, "--max-concurrent": max_concurrent,
                 "--gpus-per-cell": gpus_per_cell or None, "--retries": retries or None}
     if executor == "local" and any(v is not None for v in ray_only.values()):
@@ -196,7 +227,7 @@ def run(matrix, only, sets, data_dir, rerun, executor, address, cpus_per_cell, g
     cache = StageCache()
     cache.gc(older_than_s=math.inf)  # only what dead writers on this host left half-written
     runner = (RayExecutor(cache, address, cpus_per_cell, gpus_per_cell, max_concurrent, retries)
-              if executor == "ray" else LocalExecutor(cache))
+              if executor == "ray" else LocalExecutor(cache, quiet=not verbose))
     tracker = Tracker(mf.matrix.name)
     outcomes, pending = [], []
     start = time.perf_counter()
@@ -219,7 +250,7 @@ def run(matrix, only, sets, data_dir, rerun, executor, address, cpus_per_cell, g
     tracker.log_artifact(parent, Path(mf.path))
     to_run = [CellRun(tracker, parent, p, mf.matrix.name) for p in pending]
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  CountColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         overall = progress.add_task("cells", total=len(plans), completed=len(outcomes))
         stage_task = progress.add_task("", total=None)

@@ -26,7 +26,8 @@ from typing import Any
 
 from sparselab.cache import StageCache
 from sparselab.errors import UserError
-from sparselab.runner import LOG_FORMAT, CellOutcome, CellRun, StageRunner, placement
+from sparselab.runner import (LOG_FORMAT, CellOutcome, CellRun, StageRunner, placement,
+                              third_party_output)
 from sparselab.stages import CellPlan, Stage
 
 log = logging.getLogger("sparselab")
@@ -63,8 +64,9 @@ class Events:
 class LocalExecutor:
     """Cells one after another in this process (the default; needs nothing but sparselab)."""
 
-    def __init__(self, cache: StageCache):
+    def __init__(self, cache: StageCache, quiet: bool = True):
         self.cache = cache
+        self.quiet = quiet  # third-party output to the cells' logs, not the terminal
 
     def run(self, cells: list[CellRun], events: Events) -> list[CellOutcome]:
         runner = StageRunner(self.cache, on_stage=events.stage)
@@ -72,7 +74,7 @@ class LocalExecutor:
         with interrupt_on_signals():
             for cell in cells:
                 events.cell_started(cell.plan.cell.name)
-                outcomes.append(cell.execute(runner))
+                outcomes.append(cell.execute(runner, self.quiet))
                 events.cell_done(outcomes[-1])
         return outcomes
 
@@ -102,7 +104,8 @@ def compute_stage(stage: Stage, plan: CellPlan, home: str, cwd: str) -> StageRes
                  "ray_node_id": context.get_node_id() or ""}
     runner = StageRunner(StageCache(Path(home)))
     try:
-        runner.ensure(stage, plan)
+        with third_party_output(buffer):  # the libraries' output joins the stage's log
+            runner.ensure(stage, plan)
     except Exception as exc:  # noqa: BLE001 - reported to the driver, which fails the cells
         trace = traceback.format_exc()
         log.error("stage %s %s failed:\n%s", stage.kind, stage.key, trace)

@@ -10,6 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from sparselab.errors import unknown_name
@@ -75,8 +76,7 @@ class TinyLlama(ModelSource):
         return {"model": self.name, "config": self.shape, "seed": self.seed, "version": 1}
 
     def config(self, trust_remote_code: bool = False):
-        from transformers import LlamaConfig
-        return LlamaConfig(vocab_size=1024, **self.shape)
+        return LlamaShape(vocab_size=1024, **self.shape)
 
     def build(self, folder: Path) -> None:
         import torch
@@ -102,8 +102,7 @@ class SmolLM2GGUF(ModelSource):
 
     def config(self, trust_remote_code: bool = False):
         """As the GGUF header says (reading it through transformers takes seconds)."""
-        from transformers import LlamaConfig
-        return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        return LlamaShape(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                            num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                            max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
                            tie_word_embeddings=True)
@@ -129,9 +128,24 @@ class SmolLM2GGUF(ModelSource):
         tokenizer.save_pretrained(folder)
 
 
+class LlamaShape(SimpleNamespace):
+    """The config fields validation reads, for the built-in Llama models, without importing
+    transformers (seconds of start-up for `validate` and `plan`)."""
+    model_type = "llama"
+
+    def __init__(self, **fields: Any):
+        super().__init__(**fields)
+        self.head_dim = self.hidden_size // self.num_attention_heads
+
+
+LLAMA_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
 def linear_names(config) -> set[str]:
-    """Short names of the linear modules inside the decoder layers (q_proj, ...), from a model
-    built on the meta device: no memory, no weights."""
+    """Short names of the linear modules inside the decoder layers (q_proj, ...): Llama's, or
+    from a model built on the meta device (no memory, no weights)."""
+    if isinstance(config, LlamaShape):
+        return set(LLAMA_LINEARS)
     import torch
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):

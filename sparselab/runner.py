@@ -9,10 +9,12 @@ import json
 import logging
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import TextIO
 
 import yaml
 
@@ -287,8 +289,9 @@ class CellRun:
             self.tracker.log_artifact(self.run_id, config_file)
         return self.run_id
 
-    def execute(self, runner: StageRunner) -> CellOutcome:
-        """Start the run, compute or fetch every stage here, and finish (or fail) the run."""
+    def execute(self, runner: StageRunner, quiet: bool = True) -> CellOutcome:
+        """Start the run, compute or fetch every stage here, and finish (or fail) the run.
+        `quiet`: third-party output (warnings, progress bars) goes to the cell's log only."""
         self.start({f"sparselab.{name}": value for name, value in placement().items()})
         with TemporaryDirectory(prefix="sparselab-cell-") as tmp:
             log_file = Path(tmp) / "cell.log"
@@ -297,8 +300,9 @@ class CellRun:
             log.addHandler(handler)
             try:
                 entries, before = {}, set(runner.computed)
-                for role, stage in self.plan.roles():
-                    entries[role] = runner.ensure(stage, self.plan)
+                with third_party_output(handler.stream) if quiet else nullcontext():
+                    for role, stage in self.plan.roles():
+                        entries[role] = runner.ensure(stage, self.plan)
                 computed_here = runner.computed - before
                 hits = {role: stage.key not in computed_here for role, stage in self.plan.roles()}
             except KeyboardInterrupt:
@@ -371,6 +375,23 @@ class CellRun:
 
 
 LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+
+
+@contextmanager
+def third_party_output(stream: TextIO) -> Iterator[None]:
+    """Send what the libraries print while stages run (lm-eval's and datasets' warnings,
+    transformers' and tqdm's bars, Python warnings) to `stream`, the cell's log, instead of the
+    terminal; sparselab's own console keeps the stream it was given."""
+    import warnings
+    stream.flush()
+    with warnings.catch_warnings(), redirect_stdout(stream), redirect_stderr(stream):
+        warnings.simplefilter("default")  # each distinct warning once, into the log
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+            stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+        try:
+            yield
+        finally:
+            stream.flush()
 
 
 def placement() -> dict[str, str]:

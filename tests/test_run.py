@@ -258,3 +258,56 @@ def test_sigterm_marks_run_killed_and_leaves_no_partial_entry(workspace):
     assert parents[0].info.status == "KILLED"
     assert not list((workspace / "home" / "stages").glob("recover/*"))
     assert not any((workspace / "home" / "tmp").iterdir())
+
+
+QUIET = """
+name: quiet
+model: tiny-llama
+data_dir: builtin
+defaults:
+  prune: {method: magnitude, sparsity: 0.5}
+  recover: {method: none}
+  evaluate:
+    perplexity: {data: wikitext2, seqlen: 64, batch_size: 4, max_windows: 1}
+    tasks: []
+experiments:
+  magnitude: {}
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_third_party_output_goes_to_the_cell_log(workspace, monkeypatch, verbose):
+    """A library's prints, warnings and progress bars land in the cell's log, not on the
+    terminal; -v shows them too."""
+    import sys
+    import warnings
+
+    from tqdm import tqdm
+
+    from sparselab.prune.magnitude import MagnitudePruning
+    original = MagnitudePruning.prune
+
+    def noisy(self, loaded, ctx):
+        print("LIBRARY-PRINT")
+        print("LIBRARY-STDERR", file=sys.stderr)
+        warnings.warn(f"LIBRARY-WARNING {verbose}")
+        for _ in tqdm(range(3), desc="LIBRARY-BAR"):
+            pass
+        return original(self, loaded, ctx)
+    monkeypatch.setattr(MagnitudePruning, "prune", noisy)
+    matrix = write(workspace / "quiet.yaml", QUIET)
+    result = CliRunner().invoke(
+        main, ["run", str(matrix), *(["-v"] if verbose else [])])
+    assert result.exit_code == 0, result.output
+    terminal = result.output  # stdout and stderr
+    assert "finished magnitude" in terminal and "0/None" not in terminal
+    assert "mlflow.store" not in terminal or verbose  # its table creation is not ours to show
+    noise = ("LIBRARY-PRINT", "LIBRARY-STDERR", "LIBRARY-WARNING", "LIBRARY-BAR")
+    client, _, children = _runs(workspace, "quiet")
+    run = next(r for r in children if r.data.tags["sparselab.cell"] == "magnitude")
+    log = open(client.download_artifacts(run.info.run_id, "logs/cell.log", str(workspace))).read()
+    if verbose:  # (pytest records warnings itself, so here only the rest reach the terminal)
+        assert all(n in terminal for n in noise if n != "LIBRARY-WARNING"), terminal
+    else:
+        assert not any(n in terminal for n in noise), terminal
+        assert all(n in log for n in noise), log

@@ -18,7 +18,6 @@ import torch
 from sparselab.models import LoadedModel
 from sparselab.prune.layers import prunable_linears
 from sparselab.recover.base import RecoverContext, RecoveryMethod
-from sparselab.recover.training import train
 
 
 class SparsityLost(RuntimeError):
@@ -46,6 +45,7 @@ class DenseRecovery(RecoveryMethod):
             for name, linear in linears.items():
                 linear.weight.mul_(kept[name])
 
+        from sparselab.recover.training import train  # transformers: only when training
         metrics = train(model, loaded.tokenizer, ctx, before_step=mask_gradients,
                         after_step=reapply_masks)
         revived = {name: int((linear.weight[~kept[name]] != 0).sum())

@@ -19,7 +19,6 @@ from pathlib import Path
 from sparselab.matrix import Recover
 from sparselab.models import LoadedModel, load_model, save_model
 from sparselab.recover.base import RecoverContext, RecoveryMethod
-from sparselab.recover.training import train
 
 GROUPS = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -57,6 +56,7 @@ class LoraRecovery(RecoveryMethod):
         # they depend on whatever ran earlier in this process (a Ray worker differs from a loop).
         torch.manual_seed(ctx.config.train.seed)
         model = get_peft_model(loaded.model, config)
+        from sparselab.recover.training import train  # transformers: only when training
         metrics = train(model, loaded.tokenizer, ctx)
         if lora.merge:
             model = model.merge_and_unload()
