@@ -128,10 +128,20 @@ def _limits(command):
 @_data_dir
 @_limits
 def validate(matrices, sets, data_dir, limits) -> None:
-    """Check matrix files (schema, names, ranges, data files) without loading a model."""
+    """Check matrix files (schema, names, ranges, data files) without loading a model.
+    Every file is checked; the exit code is 2 if any is bad."""
+    bad = 0
     for matrix in matrices:
-        mf, plans = prepare_plans(matrix, None, sets, data_dir, limits)
+        try:
+            mf, plans = prepare_plans(matrix, None, sets, data_dir, limits)
+        except UserError as exc:
+            bad += 1
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            continue
         console.print(f"[green]ok[/] {matrix}: {len(plans) - 1} cells + dense reference")
+    if bad:
+        console.print(f"{bad} of {len(matrices)} matrix files are not valid")
+        sys.exit(2)
 
 
 @main.command()
@@ -323,10 +333,20 @@ def export(matrix, cell, dest, merge, sets, data_dir) -> None:
 
 @main.command(name="ls")
 def list_registered() -> None:
-    """The registered pruning methods, recovery methods, datasets, tasks and models."""
+    """The registered pruning methods, recovery methods, datasets, tasks and models, and the
+    sparsity patterns, each with what it is."""
+    from sparselab.matrix import PATTERNS
     from sparselab.registry import ALL
-    for kind, registry in ALL.items():
-        console.print(f"[bold]{kind}[/]: {', '.join(registry.names()) or '-'}")
+    sections = {kind: registry.descriptions for kind, registry in ALL.items()}
+    sections = {**dict(list(sections.items())[:1]), "patterns": PATTERNS,
+                **dict(list(sections.items())[1:])}
+    for kind, entries in sections.items():
+        table = Table(title=kind, title_justify="left", show_header=False, box=None)
+        table.add_column(style="bold")
+        table.add_column()
+        for name, about in entries.items():
+            table.add_row(name, about)
+        console.print(table)
 
 
 @main.command()
@@ -395,19 +415,36 @@ def cache() -> None:
 
 
 @cache.command(name="ls")
-def cache_ls() -> None:
-    """List cache entries with their size and what they hold."""
+@click.option("--matrix", "matrices", multiple=True, type=click.Path(dir_okay=False),
+              help="Name the cells of these matrices that use each entry (repeatable).")
+@_data_dir
+def cache_ls(matrices, data_dir) -> None:
+    """List cache entries, oldest first: stage, key, when made, size, what they hold (and with
+    --matrix, which cells use them)."""
     from sparselab.cache import StageCache
     store = StageCache()
+    users: dict[str, list[str]] = {}
+    for matrix in matrices:
+        mf, plans = prepare_plans(matrix, None, (), data_dir)
+        for p in plans:
+            for _, stage in p.roles():
+                users.setdefault(stage.key, []).append(f"{mf.matrix.name}/{p.cell.name}")
     table = Table(title=f"stage cache {store.root}")
-    for column in ("stage", "key", "size", "what"):
+    for column in ("stage", "key", "created", "size", "what") + (("cells",) if matrices else ()):
         table.add_column(column)
+    rows = []
     for entry in store.entries():
         try:
-            what = entry.meta.get("label", "")
+            meta = entry.meta
+            what, created = meta.get("label", ""), meta.get("created")
         except (OSError, ValueError) as exc:  # a garbled entry is listed, not a traceback
-            what = f"[red]damaged: meta.json unreadable ({type(exc).__name__})[/]"
-        table.add_row(entry.stage, entry.key, f"{entry.size() / 1e6:.1f} MB", what)
+            what, created = f"[red]damaged: meta.json unreadable ({type(exc).__name__})[/]", None
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(created)) if created else "?"
+        cells = ", ".join(dict.fromkeys(users.get(entry.key, []))) or "[dim]none listed[/]"
+        rows.append((created or 0, [entry.stage, entry.key, when, f"{entry.size() / 1e6:.1f} MB",
+                                    what] + ([cells] if matrices else [])))
+    for _, row in sorted(rows, key=lambda item: item[0]):
+        table.add_row(*row)
     console.print(table)
 
 
@@ -516,8 +553,10 @@ def _pairs(items, option: str) -> dict[str, str]:
 @click.option("--unpaired", is_flag=True,
               help="Judge by the standard errors alone, as for runs without per-example scores "
                    "(to see what pairing adds).")
+@click.option("--only", help="Comma-separated cell or experiment names to show (the baseline "
+                             "stays: their Δ is against it).")
 def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, where, metrics,
-           pivot_spec, baseline_cell, unpaired) -> None:
+           pivot_spec, baseline_cell, unpaired, only) -> None:
     """Pivot the matrix's MLflow runs into a comparison table (read from the tracking store)."""
     from sparselab import report as rep
     from sparselab.matrix import DENSE, ReportSpec, expand, load_matrix
@@ -538,6 +577,17 @@ def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, whe
         spec = mf.matrix.report
         chosen = list(mf.matrix.report.metrics)
         explicit = "metrics" in mf.matrix.report.model_fields_set
+    if only:
+        wanted = {name.strip() for name in only.split(",") if name.strip()}
+        named = [(DENSE, None)] + [(c.name, c.experiment) for c in expand(mf)] if matrix else None
+        known = {n for pair in named for n in pair if n} if named else None
+        for name in wanted - (known or wanted):
+            raise UserError("--only: " + unknown_name("cell", name, known))
+        keep = {n for n, e in named if n in wanted or e in wanted} if named else wanted
+        if baseline_cell or baseline:
+            keep.add(baseline_cell or baseline)
+        cells = [c for c in cells if c in keep] if cells is not None else sorted(keep)
+        expect = {c: e for c, e in (expect or {}).items() if c in keep} or None
     if expect:  # metric names renamed since the matrix was written read as today's
         expect = {cell: {RENAMED_METRICS.get(m, m): d for m, d in wanted.items()}
                   for cell, wanted in expect.items()}

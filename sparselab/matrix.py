@@ -81,6 +81,14 @@ def describe_data(ref: DataRef) -> str:
 _PATTERN = re.compile(r"^(unstructured|tiers|(\d+):(\d+)|block:(\d+)x(\d+))$")
 
 
+PATTERNS = {  # what `prune.pattern` takes (sparselab.prune.patterns implements them)
+    "unstructured": "any weights, per output row (Wanda) or across the layer",
+    "N:M": "keep N of every M consecutive input weights, e.g. 2:4 (sparse tensor cores)",
+    "block:RxC": "whole R x C blocks removed, e.g. block:16x16",
+    "tiers": "three-tier hybrid of 16x16 blocks: dense / N:M / removed (options.tiers)",
+}
+
+
 def parse_pattern(pattern: str) -> tuple[str, tuple[int, ...]]:
     """'2:4' -> ('nm', (2, 4)); 'block:16x16' -> ('block', (16, 16)); plain names -> (name, ())."""
     match = _PATTERN.match(pattern)
@@ -296,8 +304,14 @@ class CellConfig(Strict):
         return self
 
     def flat(self) -> dict[str, Any]:
-        """Dotted params for MLflow (`prune.calibration.data`)."""
-        return flatten(self.model_dump(mode="json"))
+        """Dotted params for MLflow (`prune.calibration.data`). A section whose method is `none`
+        logs only that: the dense reference and unrecovered cells used no calibration, LoRA or
+        learning rate, and the runs table should not say they did."""
+        tree = self.model_dump(mode="json")
+        for section in ("prune", "recover"):
+            if tree[section]["method"] == "none":
+                tree[section] = {"method": "none"}
+        return flatten(tree)
 
 
 Direction = Literal["up", "down", "same", "better", "worse"]

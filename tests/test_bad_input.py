@@ -147,3 +147,15 @@ def test_ray_options_need_the_ray_executor(workspace):
     assert result.exit_code == 2
     assert "--address, --max-concurrent: only with --executor ray" in result.output
     assert not (workspace / "mlflow.db").exists()  # refused before any run was created
+
+
+def test_validate_reports_every_bad_file(workspace):
+    good = write(workspace / "good.yaml", GOOD)
+    first = write(workspace / "first.yaml", GOOD.replace("a: {prune.sparsity: 0.5}",
+                                                          "a: {prune.sparsity: 1.5}"))
+    second = write(workspace / "second.yaml", GOOD.replace("name: bad", "name: bad\nnope: 1"))
+    result = CliRunner().invoke(main, ["validate", str(first), str(good), str(second)])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in message
+    assert "first.yaml" in message and "second.yaml" in message and "nope" in message
+    assert "ok " + str(good) in message and "2 of 3 matrix files are not valid" in message

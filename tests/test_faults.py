@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -116,8 +117,9 @@ def test_damaged_entries_are_set_aside_and_recomputed(workspace):
     # cache ls survives a garbled entry; verify finds what is damaged; rm removes by key
     entry = stages / "load" / tags["sparselab.stage.load.key"]
     (entry / "meta.json").write_text("{garbled")
-    listed = CliRunner().invoke(main, ["cache", "ls"])
+    listed = CliRunner().invoke(main, ["cache", "ls", "--matrix", str(path)])
     assert listed.exit_code == 0 and "damaged" in listed.output
+    assert "bad/a" in listed.output and time.strftime("%Y-%m-%d") in listed.output
     verified = CliRunner().invoke(main, ["cache", "verify"])
     assert verified.exit_code == 1 and f"load/{entry.name}" in verified.output
     assert not entry.exists()

@@ -190,6 +190,17 @@ def test_pivot_and_where(store):
     assert list(dict.fromkeys(cells)) == ["dense", "baseline", "exp1", "exp2"]
 
 
+def test_only_shows_the_named_cells_and_their_baseline(store):
+    _, _, path = store
+    result = _report(path, "--only", "exp2", "--format", "json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert list(dict.fromkeys(r["cell"] for r in data["rows"])) == ["baseline", "exp2"]
+    assert {v["cell"] for v in data["expectations"]} <= {"exp2"}
+    result = _report(path, "--only", "exp7")
+    assert result.exit_code == 2 and "exp7" in result.output and "exp2" in result.output
+
+
 def test_bad_report_requests(store, workspace):
     _, _, path = store
     result = _report(path, "--metrics", "squadv2.f2")

@@ -68,6 +68,12 @@ def test_smoke_matrix_end_to_end(workspace):
     assert 0 <= metrics["boolq.acc"] <= 1 and 0 <= metrics["squadv2.f1"] <= 100
     losses = client.get_metric_history(exp2.info.run_id, "train.loss")
     assert len(losses) == 4 and sorted(m.step for m in losses) == [0, 1, 2, 3]
+    # the dense reference logs no calibration, LoRA or training settings it never used
+    dense_params = by_cell["dense"].data.params
+    assert dense_params["prune.method"] == "none" and dense_params["recover.method"] == "none"
+    assert not any(k.startswith(("prune.calibration", "recover.")) and k != "recover.method"
+                   for k in dense_params), dense_params
+    assert "evaluate.perplexity.seqlen" in dense_params
     dense = by_cell["dense"].data.metrics
     assert dense["sparsity.linear"] < 0.01 and "wikitext2.ppl_pruned" not in dense
     assert dense["wikitext2.ppl"] != metrics["wikitext2.ppl_pruned"]
@@ -217,6 +223,11 @@ def test_ls_lists_the_registries(workspace):
     result = CliRunner().invoke(main, ["ls"])
     assert "magnitude" in result.output and "tiny-llama" in result.output
     assert "lora" in result.output and "squadv2" in result.output
+    # one line each on what it is, the patterns included
+    assert "masks keep pruned weights at zero" in result.output
+    assert "block:RxC" in result.output and "2:4" in result.output
+    from sparselab.registry import ALL
+    assert all(r.descriptions[n] for r in ALL.values() for n in r.names())
 
 
 @pytest.mark.parametrize("matrix", sorted(p.name for p in (REPO / "matrix").glob("*.yaml")))

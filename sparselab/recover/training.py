@@ -176,8 +176,9 @@ def train(model, tokenizer, ctx: RecoverContext,
     eval_loss = mean_loss(model, data.held_out, cfg.batch_size, pad_id, cfg.precision)
     losses = [r["train.loss"] for r in ctx.step_metrics]
     if losses:
+        on = ", ".join(f"{name} ({split})" for name, split in data.splits.items())
         plot_series(losses, ctx.artifacts / "loss_curve.png", "train.loss",
-                    f"{ctx.config.method} on {data.splits}")
+                    f"{ctx.config.method} recovery on {on}, {len(losses)} steps")
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())
     return {"train.eval_loss": eval_loss, "train.steps": float(steps),
