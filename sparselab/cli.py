@@ -209,10 +209,11 @@ def run(obj, verbose, matrix, only, sets, data_dir, rerun, executor, address, cp
 
     The terminal shows sparselab's progress; the libraries' warnings and progress bars go to
     each cell's log (an artifact of its run). `sparselab -v run ...` shows both."""
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     class CountColumn(TextColumn):
-        """done/total, or nothing for a task without a total (the current stage)."""
+        """done/total, or nothing for a task without a total (a stage that reports none)."""
         def __init__(self):
             super().__init__("")
 
@@ -260,7 +261,7 @@ def run(obj, verbose, matrix, only, sets, data_dir, rerun, executor, address, cp
     tracker.log_artifact(parent, Path(mf.path))
     to_run = [CellRun(tracker, parent, p, mf.matrix.name) for p in pending]
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  CountColumn(), TimeElapsedColumn(),
+                  CountColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=console, transient=False) as progress:
         overall = progress.add_task("cells", total=len(plans), completed=len(outcomes))
         stage_task = progress.add_task("", total=None)
@@ -271,10 +272,19 @@ def run(obj, verbose, matrix, only, sets, data_dir, rerun, executor, address, cp
                                    + (f": {outcome.error}" if outcome.error else ""))
             progress.advance(overall)
 
+        current = {"label": ""}
+
+        def stage_started(label: str) -> None:
+            current["label"] = label
+            progress.reset(stage_task, total=None, description=f"  {label}")
+
+        def stage_progress(finished: int, total: int, unit: str) -> None:
+            progress.update(stage_task, completed=finished, total=total,
+                            description=f"  {current['label']}: {unit}")
+
         events = Events(
             cell_started=lambda name: progress.update(overall, description=f"cell {name}"),
-            stage=lambda label: progress.update(stage_task, description=f"  {label}"),
-            cell_done=done)
+            stage=stage_started, stage_progress=stage_progress, cell_done=done)
         try:
             outcomes += runner.run(to_run, events)
         except KeyboardInterrupt:

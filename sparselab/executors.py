@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparselab import progress
 from sparselab.cache import StageCache
 from sparselab.errors import UserError
 from sparselab.runner import (LOG_FORMAT, CellOutcome, CellRun, StageRunner, placement,
@@ -58,6 +59,7 @@ class Events:
     """What an executor tells the command line as it goes."""
     cell_started: Callable[[str], None] = lambda name: None
     stage: Callable[[str], None] = lambda label: None
+    stage_progress: Callable[[int, int, str], None] = lambda done, total, unit: None
     cell_done: Callable[[CellOutcome], None] = lambda outcome: None
 
 
@@ -71,7 +73,7 @@ class LocalExecutor:
     def run(self, cells: list[CellRun], events: Events) -> list[CellOutcome]:
         runner = StageRunner(self.cache, on_stage=events.stage)
         outcomes = []
-        with interrupt_on_signals():
+        with interrupt_on_signals(), progress.listening(events.stage_progress):
             for cell in cells:
                 events.cell_started(cell.plan.cell.name)
                 outcomes.append(cell.execute(runner, self.quiet))

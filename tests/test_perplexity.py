@@ -28,3 +28,17 @@ def test_perplexity_and_its_standard_error(tiny):
     assert result["ppl_stderr"] == pytest.approx(math.exp(mean) * spread / math.sqrt(7), rel=1e-4)
     one = perplexity(tiny.model, tiny.tokenizer, text, seqlen=32, max_windows=1)
     assert "ppl_stderr" not in one  # no spread to measure
+
+
+def test_window_losses_report_their_progress(tiny):
+    import torch
+
+    from sparselab import progress
+    from sparselab.evaluate.perplexity import window_losses
+    seen = []
+    windows = torch.randint(0, 100, (5, 16))
+    with progress.listening(lambda done, total, unit: seen.append((done, total, unit))):
+        window_losses(tiny.model, windows, batch_size=2)
+    assert seen == [(2, 5, "windows"), (4, 5, "windows"), (5, 5, "windows")]
+    window_losses(tiny.model, windows, batch_size=2)  # nobody listening: nothing to report to
+    assert len(seen) == 3

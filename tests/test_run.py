@@ -326,6 +326,7 @@ def test_third_party_output_goes_to_the_cell_log(workspace, monkeypatch, verbose
     assert result.exit_code == 0, result.output
     terminal = result.output  # stdout and stderr
     assert "finished magnitude" in terminal and "0/None" not in terminal
+    assert "(pruned): windows" in terminal and "1/1" in terminal  # the last stage's own progress
     assert "mlflow.store" not in terminal or verbose  # its table creation is not ours to show
     noise = ("LIBRARY-PRINT", "LIBRARY-STDERR", "LIBRARY-WARNING", "LIBRARY-BAR")
     client, _, children = _runs(workspace, "quiet")

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from sparselab import progress
 from sparselab.evaluate.perplexity import token_nll
 from sparselab.recover.prompts import IGNORE, collate, task_example
 
@@ -57,6 +58,7 @@ def example_losses(model, tokenizer, examples: list[tuple[str, str]], seqlen: in
             losses[name].update((start + i, m) for i, (m, c)
                                 in enumerate(zip(means.tolist(), counts.tolist())) if c > 0)
         tokens += int(scored.sum())
+        progress.report(min(start + batch_size, len(rendered)), len(rendered), "examples")
     return losses, tokens
 
 

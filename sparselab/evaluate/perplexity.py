@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from sparselab import progress
+
 
 def windows_of(tokenizer, text: str, seqlen: int, max_windows: int | None = None
                ) -> torch.Tensor:
@@ -48,6 +50,7 @@ def window_losses(model, windows: torch.Tensor, batch_size: int = 4) -> list[flo
         batch = windows[start:start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         window_nll += token_nll(logits[:, :-1], batch[:, 1:]).mean(dim=1).tolist()
+        progress.report(len(window_nll), len(windows), "windows")
     return window_nll
 
 

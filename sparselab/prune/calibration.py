@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparselab import progress
 from sparselab.data.catalog import DataSource, TaskDataset, TextCorpus
 from sparselab.matrix import Calibration, data_components, describe_data
 from sparselab.prune.base import PruneContext, PruningMethod
@@ -407,7 +408,9 @@ class LayerwisePruning(PruningMethod):
                      sparsities: list[float], options, skip: set[int], log=None) -> float:
         """The layer walk; returns the share of weights the masks removed (skipped layers: 0)."""
         pruned = total = 0
+        layer_count = len(decoder_layers(model))
         for index, layer, inputs in walk_layers(model, input_ids):
+            progress.report(index, layer_count, "layers")
             linears = linear_modules(layer)
             total += sum(linear.weight.numel() for linear in linears.values())
             if index in skip:

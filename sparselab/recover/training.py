@@ -20,6 +20,7 @@ from contextlib import nullcontext
 import torch
 from transformers import get_scheduler
 
+from sparselab import progress
 from sparselab.matrix import Train
 from sparselab.plots import plot_series
 from sparselab.recover.base import RecoverContext
@@ -171,6 +172,7 @@ def train(model, tokenizer, ctx: RecoverContext,
                 record["train.eval_loss"] = mean_loss(model, data.held_out, cfg.batch_size,
                                                       pad_id, cfg.precision)
             ctx.step_metrics.append(record)
+            progress.report(step + 1, steps, f"steps, loss {record['train.loss']:.3f}")
     elapsed = time.perf_counter() - start
     model.eval()
     eval_loss = mean_loss(model, data.held_out, cfg.batch_size, pad_id, cfg.precision)
