@@ -385,7 +385,7 @@ def load_examples(client, rows: list[Row]) -> None:
 
 
 def differing_keys(rows: list[Row]) -> list[str]:
-    """Config keys whose values differ between the (non-dense) cells that ran.
+    """Config keys whose values differ between the (non-dense) cells that ran and have them.
 
     A key with a value in some cell takes its sub-keys from the others into its column
     (`prune.calibration.data`: wikitext2 | mix={...}); an empty dict (`{}`) gives its column
@@ -397,7 +397,12 @@ def differing_keys(rows: list[Row]) -> list[str]:
     columns = [k for k in keys if k not in IGNORED_PARAMS
                and not (k in parents and k not in valued)
                and not any(k.startswith(parent + ".") for parent in parents & valued)]
-    return [k for k in columns if len({r.setting(k) for r in ran}) > 1]
+    # a cell without the key (its section's method is `none`: no LoRA settings) neither adds a
+    # value nor makes the key differ; its method's own column shows the difference
+    def has(row: Row, key: str) -> bool:  # the key, a sub-key, or a parent (an empty dict)
+        return any(p == key or p.startswith(key + ".") or key.startswith(p + ".")
+                   for p in row.params)
+    return [k for k in columns if len({r.setting(k) for r in ran if has(r, k)}) > 1]
 
 
 def build(rows: list[Row], title: str, metrics: list[str], baseline: str | None,

@@ -493,3 +493,16 @@ def test_runs_logged_before_the_renames_read_under_todays_names():
     assert tags == {"sparselab.stderr.boolq.acc": "0.05"}
     assert run_metrics(old) == run_metrics(new) == {"weights.total": 10.0, "boolq.acc": 0.6,
                                                     "boolq.acc_stderr": 0.05}
+
+
+def test_settings_a_cell_does_not_have_make_no_column():
+    """An unrecovered cell logs no LoRA settings: the LoRA cells agreeing on them is no
+    difference, recover.method is."""
+    from sparselab.report import Row, differing_keys
+    none = {"recover.method": "none", "prune.sparsity": "0.5"}
+    lora = {"recover.method": "lora", "recover.lora.r": "8", "prune.sparsity": "0.5"}
+    rows = [Row("a", "FINISHED", "1", none), Row("b", "FINISHED", "2", lora),
+            Row("c", "FINISHED", "3", {**lora, "prune.sparsity": "0.6"})]
+    assert differing_keys(rows) == ["prune.sparsity", "recover.method"]
+    rows.append(Row("d", "FINISHED", "4", {**lora, "recover.lora.r": "16"}))
+    assert differing_keys(rows) == ["prune.sparsity", "recover.lora.r", "recover.method"]
