@@ -360,9 +360,11 @@ def list_registered() -> None:
 
 
 @main.command()
+@click.argument("matrix", required=False, type=click.Path(dir_okay=False))
 @click.option("--port", default=5000, show_default=True)
-def ui(port: int) -> None:
-    """Start the MLflow UI on 127.0.0.1 against the project's tracking store.
+def ui(matrix, port: int) -> None:
+    """Start the MLflow UI on 127.0.0.1 against the project's tracking store; with MATRIX,
+    print the address of its cells' latest runs, sorted by its first report metric.
 
     The server and its workers run in their own process group: Ctrl-C or SIGTERM stops all of
     them. The address is printed once the server answers."""
@@ -372,6 +374,7 @@ def ui(port: int) -> None:
     from sparselab.tracking import tracking_uri
     uri = tracking_uri()
     url = f"http://127.0.0.1:{port}"
+    matrix_url = matrix_runs_url(url, matrix) if matrix else None  # refused before starting
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                "--host", "127.0.0.1", "--port", str(port)],
                               start_new_session=True)
@@ -392,6 +395,9 @@ def ui(port: int) -> None:
                             f"{server.returncode}); is port {port} in use? Try --port.",
                             key="--port")
         console.print(f"MLflow UI for {uri} on {url} (Ctrl-C stops it)")
+        console.print(f"  runs of every matrix: {url}/#/experiments?{ML_VIEW}", soft_wrap=True)
+        if matrix_url:
+            console.print(f"  {matrix}: {matrix_url}", soft_wrap=True)
         server.wait()
     except KeyboardInterrupt:
         pass
@@ -399,6 +405,29 @@ def ui(port: int) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _stop_group(server)
+
+
+# MLflow 3 opens in its GenAI view unless told otherwise (it remembers the choice per browser)
+ML_VIEW = "workflowType=machine_learning"
+
+
+def matrix_runs_url(url: str, matrix: str) -> str:
+    """The UI's runs table of a matrix: the latest run of every cell, one flat list sorted by
+    the report's first metric (a sort other than by date also un-nests the cells from their
+    invocation's parent run)."""
+    from urllib.parse import quote
+
+    from sparselab.matrix import load_matrix
+    from sparselab.tracking import LATEST_TAG, _client
+    mf = load_matrix(matrix)
+    found = _client().get_experiment_by_name(mf.matrix.name)
+    if found is None:
+        raise UserError(f"no runs of '{mf.matrix.name}' in the tracking store; run it first: "
+                        f"sparselab run {matrix}")
+    metric = (mf.matrix.report.metrics or ["wikitext2.ppl"])[0]
+    query = (f"searchFilter={quote(f'tags.`{LATEST_TAG}` = {chr(39)}true{chr(39)}')}"
+             f"&orderByKey={quote(f'metrics.`{metric}`')}&orderByAsc=true&{ML_VIEW}")
+    return f"{url}/#/experiments/{found.experiment_id}/runs?{query}"
 
 
 def _stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:

@@ -337,3 +337,16 @@ def test_third_party_output_goes_to_the_cell_log(workspace, monkeypatch, verbose
     else:
         assert not any(n in terminal for n in noise), terminal
         assert all(n in log for n in noise), log
+
+
+def test_ui_links_a_matrix_to_its_latest_runs_in_the_training_view(workspace):
+    from sparselab.cli import matrix_runs_url
+    from sparselab.errors import UserError
+    from sparselab.tracking import Tracker
+    with pytest.raises(UserError, match="no runs of 'smoke'"):
+        matrix_runs_url("http://127.0.0.1:5000", str(SMOKE))
+    experiment = Tracker("smoke").experiment_id
+    url = matrix_runs_url("http://127.0.0.1:5000", str(SMOKE))
+    assert url.startswith(f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?")
+    assert "sparselab.latest%60%20%3D%20%27true%27" in url  # tags.`sparselab.latest` = 'true'
+    assert "orderByKey=metrics.%60squadv2.f1%60" in url and "workflowType=machine_learning" in url
