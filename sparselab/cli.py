@@ -248,6 +248,7 @@ def run(obj, verbose, matrix, only, sets, data_dir, rerun, executor, address, cp
             console.print(f"[dim]skip {p.cell.name}: finished in run {previous} "
                           "(use --rerun to run again)[/]")
             outcomes.append(CellOutcome(p.cell, "SKIPPED", previous))
+            tracker.mark_latest(previous, p.cell.name)  # the result the matrix now means
         else:
             pending.append(p)
     if not pending:  # nothing to do leaves no empty parent run behind

@@ -248,7 +248,8 @@ class Tracker:
 
     def mark_latest(self, run_id: str, cell: str) -> None:
         """Make `run_id` the run that `tags.sparselab.latest = 'true'` finds for its cell: one
-        filter in the UI shows the newest finished run of every cell."""
+        filter in the UI shows every cell's current result (its newest finished run, or the
+        earlier run a skipped cell reuses; stores older than the tag get it as cells are met)."""
         older = self.client.search_runs([self.experiment_id],
                                         filter_string=f"tags.`{LATEST_TAG}` = 'true'",
                                         max_results=5000)
