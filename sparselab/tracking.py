@@ -180,8 +180,8 @@ def run_metrics(run) -> dict[str, float]:
     metrics = current_names(dict(run.data.metrics))
     for tag, value in run.data.tags.items():
         if tag.startswith(STDERR_TAG):
-            metrics[RENAMED_METRICS.get(tag[len(STDERR_TAG):], tag[len(STDERR_TAG):]) + "_stderr"] = \
-                float(value)
+            name = tag[len(STDERR_TAG):]
+            metrics[RENAMED_METRICS.get(name, name) + "_stderr"] = float(value)
     return metrics
 
 
