@@ -29,8 +29,13 @@ class Command(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            print_error(exc)
             sys.exit(2)
+
+
+def print_error(exc: UserError) -> None:
+    """Bad input as one paragraph, no traceback."""
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
 
 
 @click.group(cls=Command)
@@ -136,7 +141,7 @@ def validate(matrices, sets, data_dir, limits) -> None:
             mf, plans = prepare_plans(matrix, None, sets, data_dir, limits)
         except UserError as exc:
             bad += 1
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            print_error(exc)
             continue
         console.print(f"[green]ok[/] {matrix}: {len(plans) - 1} cells + dense reference")
     if bad:
@@ -248,9 +253,10 @@ def run(obj, verbose, matrix, only, sets, data_dir, rerun, executor, address, cp
             console.print(f"[dim]skip {p.cell.name}: finished in run {previous} "
                           "(use --rerun to run again)[/]")
             outcomes.append(CellOutcome(p.cell, "SKIPPED", previous))
-            tracker.mark_latest(previous, p.cell.name)  # the result the matrix now means
         else:
             pending.append(p)
+    # a skipped cell's earlier run is the result the matrix now means
+    tracker.mark_latest({o.cell.name: o.run_id for o in outcomes})
     if not pending:  # nothing to do leaves no empty parent run behind
         console.print(f"{mf.matrix.name}: all {len(plans)} cells finished before; nothing to "
                       f"run (experiment '{mf.matrix.name}'; --rerun runs them again)")
@@ -319,7 +325,7 @@ def export(matrix, cell, dest, merge, sets, data_dir) -> None:
     """Write a cell's final model as a Hugging Face folder with a model card (a LoRA cell: the
     pruned base plus its adapter, or merged with --merge)."""
     from sparselab.export import export_cell
-    from sparselab.tracking import _client
+    from sparselab.tracking import _client, finished_run
     mf, plans = prepare_plans(matrix, None, sets, data_dir)
     mine = [p for p in plans if p.cell.name == cell]
     if not mine:
@@ -327,11 +333,8 @@ def export(matrix, cell, dest, merge, sets, data_dir) -> None:
                         key="CELL")
     client = _client()
     experiment = client.get_experiment_by_name(mf.matrix.name)
-    runs = [] if experiment is None else client.search_runs(
-        [experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
-        filter_string=f"tags.`sparselab.cell_hash` = '{mine[0].cell.hash}' "
-                      "and attributes.status = 'FINISHED'")
-    run_id = runs[0].info.run_id if runs else None
+    run_id = finished_run(client, experiment.experiment_id, mine[0].cell.hash) \
+        if experiment is not None else None
     exported = export_cell(mine[0], mf.matrix.name, Path(dest), merge, run_id)
     if run_id:  # the run says where its model went; the card travels with it
         client.set_tag(run_id, "sparselab.export", str(exported.folder.resolve()))
@@ -621,8 +624,9 @@ def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, whe
         wanted = {name.strip() for name in only.split(",") if name.strip()}
         named = [(DENSE, None)] + [(c.name, c.experiment) for c in expand(mf)] if matrix else None
         known = {n for pair in named for n in pair if n} if named else None
-        for name in wanted - (known or wanted):
-            raise UserError("--only: " + unknown_name("cell", name, known))
+        unknown = sorted(wanted - known) if known else []
+        if unknown:
+            raise UserError("--only: " + unknown_name("cell", unknown[0], known))
         keep = {n for n, e in named if n in wanted or e in wanted} if named else wanted
         if baseline_cell or baseline:
             keep.add(baseline_cell or baseline)

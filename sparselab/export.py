@@ -150,8 +150,8 @@ def _write_card(plan: CellPlan, matrix_name: str, exported: Exported, run_id: st
     from sparselab.models import model_source
     library = "peft" if exported.kind == "adapter" else "transformers"
     front = {"library_name": library}
-    if model_source(cfg.model).hub_id:
-        front["base_model"] = model_source(cfg.model).hub_id
+    if hub_id := model_source(cfg.model).hub_id:
+        front["base_model"] = hub_id
     front["tags"] = ["sparselab", "pruned", f"prune-{cfg.prune.method}",
                      f"recover-{cfg.recover.method}"]
     notes = {

@@ -339,7 +339,7 @@ class CellRun:
                 steps = json.loads((entries["recover"].path / "steps.json").read_text())
                 for name in sorted({k for step in steps for k in step}):
                     self.tracker.log_series(run_id, name, [s[name] for s in steps if name in s])
-            self.tracker.mark_latest(run_id, self.plan.cell.name)
+            self.tracker.mark_latest({self.plan.cell.name: run_id})
         except KeyboardInterrupt:
             self.close("KILLED", log_text)
             raise

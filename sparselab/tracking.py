@@ -246,26 +246,38 @@ class Tracker:
     def end_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
 
-    def mark_latest(self, run_id: str, cell: str) -> None:
-        """Make `run_id` the run that `tags.sparselab.latest = 'true'` finds for its cell: one
-        filter in the UI shows every cell's current result (its newest finished run, or the
-        earlier run a skipped cell reuses; stores older than the tag get it as cells are met)."""
+    def mark_latest(self, runs: dict[str, str]) -> None:
+        """Make each run (cell name -> run id) the one `tags.sparselab.latest = 'true'` finds for
+        its cell: one filter in the UI shows every cell's current result (its newest finished
+        run, or the earlier run a skipped cell reuses; stores older than the tag get it as cells
+        are met). One search for all of them."""
+        if not runs:
+            return
         older = self.client.search_runs([self.experiment_id],
                                         filter_string=f"tags.`{LATEST_TAG}` = 'true'",
                                         max_results=5000)
         for run in older:  # compared here: a cell name may hold any character
-            if run.data.tags.get("sparselab.cell") == cell and run.info.run_id != run_id:
+            cell = run.data.tags.get("sparselab.cell")
+            if cell in runs and run.info.run_id != runs[cell]:
                 self.client.set_tag(run.info.run_id, LATEST_TAG, "false")
-        self.client.set_tag(run_id, LATEST_TAG, "true")
+        marked = {run.info.run_id for run in older}
+        for run_id in runs.values():
+            if run_id not in marked:
+                self.client.set_tag(run_id, LATEST_TAG, "true")
 
     def finished_cell(self, cell_hash: str) -> str | None:
         """The id of a FINISHED child run with this cell hash, if one exists."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`sparselab.cell_hash` = '{cell_hash}' "
-                          "and attributes.status = 'FINISHED'",
-            max_results=1, order_by=["attributes.start_time DESC"])
-        return runs[0].info.run_id if runs else None
+        return finished_run(self.client, self.experiment_id, cell_hash)
+
+
+def finished_run(client, experiment_id: str, cell_hash: str) -> str | None:
+    """The newest FINISHED child run with this cell hash in the experiment, if there is one."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`sparselab.cell_hash` = '{cell_hash}' "
+                      "and attributes.status = 'FINISHED'",
+        max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
 
 
 def reconcile(client, experiment_id: str) -> list[str]:
