@@ -31,8 +31,9 @@ def stage_keys() -> dict[str, dict[str, dict[str, str]]]:
             reference = dense_reference(cell)
             references.setdefault(reference.hash, reference)
         keys = {}
+        several = len(references) > 1  # then prepare_plans names them dense[0], dense[1], ...
         for index, cell in enumerate([*references.values(), *cells]):
-            name = f"dense[{index}]" if index < len(references) > 1 else cell.name
+            name = f"dense[{index}]" if several and index < len(references) else cell.name
             keys[name] = {role: stage.key for role, stage in plan_cell(cell, SOURCE).roles()}
         out[str(path.relative_to(ROOT))] = keys
     return out
