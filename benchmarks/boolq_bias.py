@@ -20,7 +20,7 @@ from common import REPO, header
 
 def main() -> None:
     from sparselab.cache import StageCache
-    from sparselab.cli import prepare_plans
+    from sparselab.study import prepare_plans
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("matrix")
@@ -33,7 +33,8 @@ def main() -> None:
     lines += ["| cell | examples | answers yes | accuracy | always-yes accuracy |",
               "|---|---|---|---|---|"]
     for plan in plans:
-        entry = cache.entry("tasks", plan.tasks.key) if plan.tasks else None
+        tasks = plan.stage("tasks")
+        entry = cache.entry("tasks", tasks.key) if tasks else None
         samples = entry.path / "artifacts" / "lm_eval_samples_boolq.jsonl" if entry else None
         if samples is None or not samples.is_file():
             raise SystemExit(f"{plan.cell.name}: no cached BoolQ samples; run the study first")

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "num_fewshot": args.num_fewshot,
                                     "batch_size": args.batch_size, "perplexity": None})
         start = time.perf_counter()
-        metrics = evaluate_tasks(loaded, cell, source, artifacts / task)
+        metrics = evaluate_tasks(loaded, cell.evaluate, source, artifacts / task)
         timings[task] = time.perf_counter() - start
         examples = counts[task] = (_examples(artifacts / task / "lm_eval_results.json", task)
                                    or args.limit)

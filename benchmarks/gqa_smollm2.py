@@ -118,7 +118,7 @@ def main() -> None:
     method.check(cell.prune)
     method.check_model(cell.prune, loaded.model.config)
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = PruneContext(cell, source, Path(tmp) / "artifacts", log,
+        ctx = PruneContext(cell.prune, source, Path(tmp) / "artifacts", log,
                            model_key="benchmarks/smollm2-135m", cache=StageCache())
         start = time.perf_counter()
         metrics = method.prune(loaded, ctx)

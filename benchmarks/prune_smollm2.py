@@ -94,7 +94,7 @@ def worker(spec: dict) -> dict:
         method = PRUNING.get(spec["method"])()
         method.check(cell.prune)
         with tempfile.TemporaryDirectory() as artifacts:
-            ctx = PruneContext(cell, source, Path(artifacts), logging.getLogger("bench"))
+            ctx = PruneContext(cell.prune, source, Path(artifacts), logging.getLogger("bench"))
             start = time.perf_counter()
             method.prune(loaded, ctx)
             result["prune_s"] = time.perf_counter() - start

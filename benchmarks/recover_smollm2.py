@@ -44,7 +44,7 @@ def pruned_folder(data_dir: str) -> Path:
         cell = CellConfig.model_validate({"model": "smollm2-135m", "data_dir": data_dir, "prune": {
             "method": "wanda", "sparsity": 0.5, "calibration": {"samples": 32, "seqlen": 256}}})
         PRUNING.get("wanda")().prune(loaded, PruneContext(
-            cell, resolve_data_dir(data_dir), Path(tempfile.mkdtemp()), logging.getLogger("bench")))
+            cell.prune, resolve_data_dir(data_dir), Path(tempfile.mkdtemp()), logging.getLogger("bench")))
         save_model(loaded, folder)
     return folder
 
@@ -100,7 +100,7 @@ def worker(spec: dict) -> dict:
         cell = CellConfig.model_validate({"model": "smollm2-135m", "data_dir": spec["data_dir"],
                                           "evaluate": {"tasks": ["squadv2"],
                                                        "limit": spec["task_limit"]}})
-        metrics = evaluate_tasks(LoadedModel(model, loaded.tokenizer), cell, source,
+        metrics = evaluate_tasks(LoadedModel(model, loaded.tokenizer), cell.evaluate, source,
                                  Path(tempfile.mkdtemp()))
         return {m: metrics.get(f"squadv2.{m}") for m in ("f1", "HasAns_f1", "NoAns_f1")}
 
@@ -117,7 +117,7 @@ def worker(spec: dict) -> dict:
     result["load_before"] = os.getloadavg()[0]
     cpu_start = _cpu_seconds()
     if spec["loop"] == "sparselab":
-        ctx = RecoverContext(cell, source, Path(tempfile.mkdtemp()), logging.getLogger("bench"),
+        ctx = RecoverContext(cell.recover, source, Path(tempfile.mkdtemp()), logging.getLogger("bench"),
                              step_metrics=StepClock())
         recovered, metrics = RECOVERY.get(method)().recover(loaded, ctx)
         model = recovered.model

@@ -106,7 +106,7 @@ def check_task(task: str, folder: Path, source, limit: int, batch_size: int,
                       evaluate={"tasks": [task], "limit": limit, "batch_size": batch_size,
                                 "perplexity": None})
     start = time.perf_counter()
-    ours = evaluate_tasks(load_model(folder), cell, source, scratch / "ours")
+    ours = evaluate_tasks(load_model(folder), cell.evaluate, source, scratch / "ours")
     ours_s = time.perf_counter() - start
     include = prepare_tasks([task], source, scratch / "prepared")
     out = scratch / "cli"

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sparselab.errors import UserError, unknown_name
+from sparselab.study import prepare_plans
 
 console = Console()
 if not console.is_terminal:  # files and pipes get the whole table, not 80 columns
@@ -75,37 +76,6 @@ def console_logging(verbose: bool) -> None:
     logger.addHandler(handler)
 
 
-def prepare_plans(matrix: str, only: str | None, sets: tuple[str, ...], data_dir: str | None,
-                  limits: tuple[int, int] | None = None):
-    """Matrix file -> validated cells (dense reference first) and their stage plans.
-    `limits`: (max cells, max YAML nodes), the --max-cells / --max-nodes caps."""
-    from sparselab.matrix import (DENSE, MAX_CELLS, MAX_NODES, dense_reference, expand,
-                                  load_matrix, parse_set)
-    from sparselab.stages import plan_cell
-    from sparselab.validate import check_cells, source_of
-    max_cells, max_nodes = limits or (MAX_CELLS, MAX_NODES)
-    mf = load_matrix(matrix, max_nodes=max_nodes)
-    cells = expand(mf, parse_set(sets), data_dir=data_dir, max_cells=max_cells)
-    if only:
-        wanted = [name.strip() for name in only.split(",") if name.strip()]
-        known = {c.name for c in cells} | {c.experiment for c in cells if c.experiment}
-        for name in wanted:
-            if name not in known and name != DENSE:
-                raise UserError("--only: " + unknown_name("cell", name, known))
-        cells = [c for c in cells if c.name in wanted or c.experiment in wanted]
-    dense = {}
-    for cell in cells:
-        ref = dense_reference(cell)
-        dense.setdefault(ref.hash, ref)
-    refs = list(dense.values())
-    if len(refs) > 1:
-        refs = [ref.model_copy(update={"name": f"{DENSE}[{i}]"}) for i, ref in enumerate(refs)]
-    cells = refs + cells
-    check_cells(mf, cells)
-    plans = [plan_cell(cell, source_of(cell)) for cell in cells]
-    return mf, plans
-
-
 _matrix_arg = click.argument("matrix", type=click.Path(dir_okay=False))
 _only = click.option("--only", help="Comma-separated cell or experiment names.")
 _set = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -158,7 +128,7 @@ def validate(matrices, sets, data_dir, limits) -> None:
 def plan(matrix, only, sets, data_dir, limits) -> None:
     """List the cells, the stages each needs, which are shared and which are cached."""
     from sparselab.cache import StageCache
-    from sparselab.stages import stage_status
+    from sparselab.stages import kinds, stage_status
     mf, plans = prepare_plans(matrix, only, sets, data_dir, limits)
     cache = StageCache()
     users = Counter(stage.key for p in plans for _, stage in p.roles())
@@ -178,13 +148,13 @@ def plan(matrix, only, sets, data_dir, limits) -> None:
     cached: Counter = Counter()
     for p in plans:
         for _, stage in p.roles():
-            if stage.key not in distinct.setdefault(stage.kind, set()):
-                distinct[stage.kind].add(stage.key)
-                cached[stage.kind] += stage_status(stage, cache) != "to run"
-    for kind in ("load", "prune", "recover", "perplexity", "answer_loss", "tasks"):
-        if kind in distinct:
-            console.print(f"{kind}: {len(distinct[kind])} distinct, {cached[kind]} cached "
-                          f"or external")
+            if stage.key not in distinct.setdefault(stage.kind.name, set()):
+                distinct[stage.kind.name].add(stage.key)
+                cached[stage.kind.name] += stage_status(stage, cache) != "to run"
+    for kind in kinds():
+        if kind.name in distinct:
+            console.print(f"{kind.name}: {len(distinct[kind.name])} distinct, "
+                          f"{cached[kind.name]} cached or external")
 
 
 @main.command()
@@ -561,9 +531,9 @@ def cache_gc(keep_matrices, dry_run, data_dir) -> None:
     if keep_matrices:
         keep = {stage.key for matrix in keep_matrices
                 for p in prepare_plans(matrix, None, (), data_dir)[1] for _, stage in p.roles()}
-    from sparselab.stages import STAGE_VERSIONS
+    from sparselab.stages import kinds
     store = StageCache()
-    doomed = store.gc(keep, kinds=set(STAGE_VERSIONS), dry_run=dry_run)
+    doomed = store.gc(keep, kinds={kind.name for kind in kinds()}, dry_run=dry_run)
     for folder in doomed:
         console.print(f"{'would remove' if dry_run else 'removed'} {folder.relative_to(store.root)}")
     console.print(f"{'would remove' if dry_run else 'removed'} {len(doomed)} folder(s)")

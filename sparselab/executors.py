@@ -110,7 +110,7 @@ def compute_stage(stage: Stage, plan: CellPlan, home: str, cwd: str) -> StageRes
             runner.ensure(stage, plan)
     except Exception as exc:  # noqa: BLE001 - reported to the driver, which fails the cells
         trace = traceback.format_exc()
-        log.error("stage %s %s failed:\n%s", stage.kind, stage.key, trace)
+        log.error("stage %s %s failed:\n%s", stage.kind.name, stage.key, trace)
         return StageResult(where, buffer.getvalue(), f"{type(exc).__name__}: {exc}", trace)
     finally:
         log.removeHandler(handler)
@@ -163,7 +163,7 @@ class RayExecutor:
             ray.shutdown()
 
     def _run(self, ray, cells: list[CellRun], events: Events, home: str) -> list[CellOutcome]:
-        hits = {id(cell): {role: self.cache.entry(stage.kind, stage.key) is not None
+        hits = {id(cell): {role: self.cache.entry(stage.kind.name, stage.key) is not None
                            for role, stage in cell.plan.roles()} for cell in cells}
         schedule = _Schedule({stage.key: (stage, cell.plan) for cell in cells
                               for role, stage in cell.plan.roles() if not hits[id(cell)][role]})
@@ -244,7 +244,7 @@ class RayExecutor:
             first = next(stage for (_, stage), state in zip(roles, states) if state == "failed")
             result = schedule.failed[first.key]
             return cell.fail(f"{first.label}: {result.error}", result.trace, logs, tags)
-        entries = {role: self.cache.entry(stage.kind, stage.key) for role, stage in roles}
+        entries = {role: self.cache.entry(stage.kind.name, stage.key) for role, stage in roles}
         hits = {role: hits[role] or (stage.key in schedule.results
                                      and not schedule.results[stage.key].computed)
                 for role, stage in roles}

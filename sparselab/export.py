@@ -47,7 +47,7 @@ def export_cell(plan: CellPlan, matrix_name: str, dest: Path, merge: bool,
     cache = StageCache()
     missing = [s for s in plan.model.lineage() if stage_status(s, cache) == "to run"]
     if missing:
-        raise UserError(f"cell '{plan.cell.name}' has not been run: its stage {missing[0].kind} "
+        raise UserError(f"cell '{plan.cell.name}' has not been run: its stage {missing[0].kind.name} "
                         f"({missing[0].label}, key {missing[0].key}) is not in the cache "
                         f"{cache.root}. Run it first: sparselab run <matrix> --only "
                         f"{plan.cell.name}", key="CELL")
@@ -55,7 +55,7 @@ def export_cell(plan: CellPlan, matrix_name: str, dest: Path, merge: bool,
         raise UserError(f"--to {dest}: the folder exists and is not empty; give a new folder "
                         "(nothing is overwritten).", key="--to")
     final = plan.model
-    entry = cache.entry(final.kind, final.key) if not final.external else None
+    entry = cache.entry(final.kind.name, final.key) if not final.external else None
     adapter = entry is not None and (entry.path / "adapter").is_dir()
     dest.mkdir(parents=True, exist_ok=True)
     try:
@@ -92,9 +92,9 @@ def _write_model(stage: Stage, plan: CellPlan, dest: Path) -> None:
         cfg = plan.cell.config
         save_model(model_source(cfg.model).load(cfg.dtype, cfg.trust_remote_code), dest)
         return
-    entry = StageCache().entry(stage.kind, stage.key, full=True)  # weights hashed before copying
+    entry = StageCache().entry(stage.kind.name, stage.key, full=True)  # weights hashed before copying
     if entry is None:
-        raise UserError(f"the cache entry of {stage.label} ({stage.kind}/{stage.key}) is "
+        raise UserError(f"the cache entry of {stage.label} ({stage.kind.name}/{stage.key}) is "
                         "damaged and was set aside; run the cell again, then export.", key="CELL")
     for item in (entry.path / "model").iterdir():
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, dest / item.name)
@@ -140,7 +140,7 @@ def _write_card(plan: CellPlan, matrix_name: str, exported: Exported, run_id: st
     cache = StageCache()
     cfg = plan.cell.config
     entries = {role: e for role, stage in plan.roles()
-               if not stage.external and (e := cache.entry(stage.kind, stage.key)) is not None}
+               if not stage.external and (e := cache.entry(stage.kind.name, stage.key)) is not None}
     metrics = {k: v for k, v in cell_metrics(plan, entries).items() if not k.startswith("time.")}
     stages = {role: stage.key for role, stage in plan.roles()}
     provenance = {"sparselab_version": __version__, "matrix": matrix_name,

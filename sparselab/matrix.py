@@ -247,9 +247,8 @@ class AnswerLoss(Strict):
         return names
 
 
-class Evaluate(Strict):
-    perplexity: Perplexity | None = Perplexity()
-    answer_loss: AnswerLoss | None = None
+class TaskSettings(Strict):
+    """The `tasks` stage's section of `evaluate`: which lm-eval tasks, on how many documents."""
     tasks: list[str] = ["squadv2", "gsm8k", "boolq"]
     limit: PositiveInt | None = 200
     sample: Sample = "first"  # which `limit` documents of each task (seeded by `seed`)
@@ -266,6 +265,51 @@ class Evaluate(Strict):
         for task in tasks:
             TASKS.check(task)
         return tasks
+
+
+# Evaluation stages added with `sparselab.stages.register_evaluation`: name -> the type of the
+# section a matrix sets as `evaluate.<name>` (absent or null: the stage does not run)
+ADDED_EVALUATIONS: dict[str, type[BaseModel]] = {}
+
+
+class Evaluate(TaskSettings):
+    """`evaluate`: the evaluation stages' sections, with the `tasks` stage's settings at the top
+    (as they were before the stages had sections of their own: keys stay as they were)."""
+    model_config = ConfigDict(extra="allow")  # only ADDED_EVALUATIONS: see _added_sections
+    perplexity: Perplexity | None = Perplexity()
+    answer_loss: AnswerLoss | None = None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _added_sections(cls, data: Any, handler):
+        """Keys beyond the fields are refused as pydantic refuses extra keys, unless an added
+        evaluation owns them; then they are validated as its section (errors at their key)."""
+        if not isinstance(data, dict):
+            return handler(data)
+        extra = [key for key in data if key not in cls.model_fields]
+        errors, sections = [], {}
+        for key in extra:
+            section = ADDED_EVALUATIONS.get(key)
+            if section is None:
+                errors.append({"type": "extra_forbidden", "loc": (key,), "input": data[key]})
+                continue
+            try:
+                sections[key] = None if data[key] is None else section.model_validate(data[key])
+            except ValidationError as exc:
+                errors += [{"type": e["type"], "loc": (key, *e["loc"]), "input": e["input"],
+                            **({"ctx": e["ctx"]} if "ctx" in e else {})} for e in exc.errors()]
+        try:
+            evaluate = handler({k: v for k, v in data.items() if k not in extra})
+        except ValidationError as exc:
+            errors = [*exc.errors(), *errors]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        evaluate.__pydantic_extra__.update(sections)
+        return evaluate
+
+    def added(self, name: str) -> BaseModel | None:
+        """The section of an added evaluation stage, or None where the cell sets none."""
+        return (self.__pydantic_extra__ or {}).get(name)
 
 
 class CellConfig(Strict):
@@ -304,13 +348,14 @@ class CellConfig(Strict):
         return self
 
     def flat(self) -> dict[str, Any]:
-        """Dotted params for MLflow (`prune.calibration.data`). A section whose method is `none`
-        logs only that: the dense reference and unrecovered cells used no calibration, LoRA or
-        learning rate, and the runs table should not say they did."""
+        """Dotted params for MLflow (`prune.calibration.data`). A section whose method passes
+        the model through (`none`) logs only its method: the dense reference and unrecovered
+        cells used no calibration, LoRA or learning rate, and the runs table should not say
+        they did."""
         tree = self.model_dump(mode="json")
-        for section in ("prune", "recover"):
-            if tree[section]["method"] == "none":
-                tree[section] = {"method": "none"}
+        for section, registry in (("prune", PRUNING), ("recover", RECOVERY)):
+            if registry.get(tree[section]["method"]).passes_through:
+                tree[section] = {"method": tree[section]["method"]}
         return flatten(tree)
 
 

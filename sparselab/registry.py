@@ -2,7 +2,8 @@
 
 Validating a matrix only needs the names; the heavy modules (torch, transformers, lm-eval) are
 imported when a stage actually runs. Adding a method is one module plus one entry here (its
-import path and the line `sparselab ls` shows).
+import path and the line `sparselab ls` shows), or, for code that lives elsewhere (a plugin, a
+test), one `register` call with the class itself.
 """
 from __future__ import annotations
 
@@ -36,8 +37,21 @@ class Registry:
 
     def get(self, name: str) -> Any:
         self.check(name)
-        module, _, attr = self._entries[name].partition(":")
+        target = self._entries[name]
+        if not isinstance(target, str):  # registered as the object itself
+            return target
+        module, _, attr = target.partition(":")
         return getattr(importlib.import_module(module), attr)
+
+    def register(self, name: str, target: Any, about: str) -> None:
+        """Add `name`: a "module:attribute" path (imported when first used) or the object."""
+        if name in self._entries:
+            raise ValueError(f"{self.kind} '{name}' is registered already")
+        self._entries[name] = target
+        self.descriptions[name] = about
+
+    def unregister(self, name: str) -> None:
+        del self._entries[name], self.descriptions[name]
 
 
 PRUNING = Registry("pruning method", {

@@ -19,21 +19,13 @@ from typing import TextIO
 import yaml
 
 from sparselab.cache import Entry, StageCache
-from sparselab.data.catalog import DataSource
 from sparselab.evaluate.examples import role_metric
-from sparselab.matrix import Cell, sample_indices
-from sparselab.models import (LoadedModel, compute_device_name, load_model, model_source,
-                              save_model)
-from sparselab.registry import DATASETS, PRUNING, RECOVERY
-from sparselab.stages import CellPlan, Stage
+from sparselab.matrix import Cell
+from sparselab.models import LoadedModel, compute_device_name
+from sparselab.stages import PRUNED_ROLE, CellPlan, Stage, StageContext
 from sparselab.tracking import current_names, environment_tags, split_stderr
 
 log = logging.getLogger("sparselab")
-
-TIME_METRICS = {"load": "time.load_s", "prune": "time.prune_s", "recover": "time.recover_s",
-                "perplexity": "time.perplexity_s", "answer_loss": "time.answer_loss_s",
-                "tasks": "time.tasks_s"}
-
 
 class StageRunner:
     """Computes or fetches stage entries, holding at most one model in memory.
@@ -51,32 +43,41 @@ class StageRunner:
         self.computed: set[str] = set()
 
     def ensure(self, stage: Stage, plan: CellPlan) -> Entry:
-        entry = self.cache.entry(stage.kind, stage.key)
+        kind = stage.kind
+        entry = self.cache.entry(kind.name, stage.key)
         if entry is not None:
             return entry
-        with self.cache.lock(stage.kind, stage.key):
-            entry = self.cache.entry(stage.kind, stage.key)  # another runner may have made it
+        with self.cache.lock(kind.name, stage.key):
+            entry = self.cache.entry(kind.name, stage.key)  # another runner may have made it
             if entry is not None:
                 return entry
-            parent_model = self._take(stage.parent, plan) if stage.kind in ("prune", "recover") \
-                else (self.model(stage.parent, plan) if stage.parent else None)
+            parent_model = None
+            if stage.parent is not None:  # a model stage modifies its input: take it
+                parent_model = self._take(stage.parent, plan) if kind.produces_model \
+                    else self.model(stage.parent, plan)
             self.on_stage(stage.label)
-            log.info("stage %s %s: computing (%s)", stage.kind, stage.key, stage.label)
+            log.info("stage %s %s: computing (%s)", kind.name, stage.key, stage.label)
             meta = {"label": stage.label, "config": stage.config,
                     "parent": stage.parent.key if stage.parent else None}
-            with self.cache.writing(stage.kind, stage.key, meta) as out:
+            with self.cache.writing(kind.name, stage.key, meta) as out:
                 start = time.perf_counter()
-                produced = COMPUTE[stage.kind](stage, plan, parent_model, out)
+                produced = kind.compute(stage.section, parent_model,
+                                        self._context(stage, plan, out))
                 metrics = json.loads((out / "metrics.json").read_text()) \
                     if (out / "metrics.json").is_file() else {}
-                metrics[TIME_METRICS[stage.kind]] = time.perf_counter() - start
+                metrics[kind.time_metric] = time.perf_counter() - start
                 (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
             self.computed.add(stage.key)
             if produced is not None:
                 self._held = (stage.key, produced)
-            log.info("stage %s %s: done in %.1fs", stage.kind, stage.key,
-                     metrics[TIME_METRICS[stage.kind]])
-            return self.cache.entry(stage.kind, stage.key)
+            log.info("stage %s %s: done in %.1fs", kind.name, stage.key, metrics[kind.time_metric])
+            return self.cache.entry(kind.name, stage.key)
+
+    def _context(self, stage: Stage, plan: CellPlan, out: Path) -> StageContext:
+        parent = stage.parent
+        folder = None if parent is None or parent.external else \
+            self.cache.root / "stages" / parent.kind.name / parent.key
+        return StageContext(plan.source, out, plan.models, parent, folder)
 
     def model(self, stage: Stage, plan: CellPlan) -> LoadedModel:
         """The model a stage produced, from memory, from the cache, or computed now."""
@@ -86,19 +87,13 @@ class StageRunner:
         if self._held and self._held[0] == stage.key:
             return self._held[1]
         if not stage.external:  # its weights are about to be used: hash them in full first
-            entry = self.cache.entry(stage.kind, stage.key, full=True) or self.ensure(stage, plan)
+            entry = self.cache.entry(stage.kind.name, stage.key, full=True) \
+                or self.ensure(stage, plan)
             if self._held and self._held[0] == stage.key:  # it was damaged and is recomputed
                 return self._held[1]
         self._held = None  # free the memory of the old model before loading the next
-        cfg = plan.cell.config
-        if stage.kind == "load" and stage.external:
-            loaded = model_source(cfg.model).load(cfg.dtype, cfg.trust_remote_code)
-        elif stage.kind == "recover":
-            method = RECOVERY.get(stage.config["method"])()
-            loaded = method.load(lambda: self._take(stage.parent, plan), entry.path, cfg.dtype)
-        else:
-            loaded = load_model(entry.path / "model", dtype=cfg.dtype,
-                                trust_remote_code=cfg.trust_remote_code)
+        loaded = stage.kind.read(stage.section, entry.path, self._context(stage, plan, entry.path),
+                                 lambda: self._take(stage.parent, plan))
         self._held = (stage.key, loaded)
         return loaded
 
@@ -106,123 +101,6 @@ class StageRunner:
         loaded = self.model(stage, plan)
         self._held = None
         return loaded
-
-
-# --- what each stage computes ----------------------------------------------------------------
-# Each writes metrics.json and artifacts/ into `out`; model stages also save the model there
-# and return it, so the next stage of the cell need not read it back.
-
-def _write_metrics(out: Path, metrics: dict[str, float]) -> None:
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-
-
-def _model_stats(loaded: LoadedModel, out: Path) -> dict[str, float]:
-    from sparselab.prune.layers import sparsity_report
-    from sparselab.plots import plot_layer_sparsity
-    per_layer, overall = sparsity_report(loaded.model)
-    rows = ["layer,zeros,total,sparsity"] + [
-        f"{name},{s['zeros']},{s['total']},{s['sparsity']:.6f}" for name, s in per_layer.items()]
-    (out / "artifacts" / "layer_sparsity.csv").write_text("\n".join(rows) + "\n")
-    plot_layer_sparsity(per_layer, out / "artifacts" / "layer_sparsity.png")
-    return overall
-
-
-def compute_load(stage: Stage, plan: CellPlan, _parent, out: Path) -> LoadedModel:
-    cfg = plan.cell.config
-    source = model_source(cfg.model)
-    if stage.external:
-        loaded = source.load(cfg.dtype, cfg.trust_remote_code)
-    else:
-        source.build(out / "model")
-        loaded = load_model(out / "model", dtype=cfg.dtype)
-        if cfg.dtype != "float32":  # store in the dtype the cell asked for
-            save_model(loaded, out / "model")
-    from sparselab.prune.layers import sparsity_report
-    _write_metrics(out, sparsity_report(loaded.model)[1])
-    return loaded
-
-
-def compute_prune(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) -> LoadedModel:
-    from sparselab.prune.base import PruneContext
-    cfg = plan.cell.config
-    method = PRUNING.get(cfg.prune.method)()
-    extra = method.prune(loaded, PruneContext(cfg, plan.source, out / "artifacts", log,
-                                              model_key=stage.parent.key, cache=StageCache()))
-    metrics = {**_model_stats(loaded, out), **extra}
-    save_model(loaded, out / "model")
-    _write_metrics(out, metrics)
-    return loaded
-
-
-def compute_recover(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) -> LoadedModel:
-    from sparselab.recover.base import RecoverContext
-    cfg = plan.cell.config
-    method = RECOVERY.get(cfg.recover.method)()
-    ctx = RecoverContext(cfg, plan.source, out / "artifacts", log)
-    if not stage.parent.external:
-        # an adapter records its base by this name: the (pruned) model it was trained on, not
-        # the folder the dense weights were first read from
-        base = StageCache().root / "stages" / stage.parent.kind / stage.parent.key / "model"
-        loaded.model.name_or_path = loaded.model.config._name_or_path = str(base.resolve())
-    recovered, extra = method.recover(loaded, ctx)
-    method.save(recovered, out)
-    (out / "steps.json").write_text(json.dumps(ctx.step_metrics))
-    _write_metrics(out, {**_model_stats(recovered, out), **extra})
-    return recovered
-
-
-def compute_perplexity(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) -> None:
-    from sparselab.evaluate.examples import ExampleScores, example_id, fingerprint
-    from sparselab.evaluate.perplexity import summarise, window_losses, windows_of
-    ppl = plan.cell.config.evaluate.perplexity
-    dataset = DATASETS.get(ppl.data)()
-    text = dataset.text(plan.source, dataset.eval_split)
-    windows = windows_of(loaded.tokenizer, text, ppl.seqlen, ppl.max_windows)
-    nll = window_losses(loaded.model, windows, ppl.batch_size)
-    scores = ExampleScores()
-    scores.add(f"{ppl.data}.ppl", (example_id(ppl.data, "window", i) for i in range(len(nll))),
-               nll, "exp_mean", fingerprint=fingerprint(windows.numpy().tobytes()))
-    scores.write(out / "artifacts")
-    result = summarise(nll, ppl.seqlen)
-    metrics = {f"{ppl.data}.ppl": result["ppl"], f"{ppl.data}.ppl_tokens": result["tokens"]}
-    if "ppl_stderr" in result:  # one window has no spread
-        metrics[f"{ppl.data}.ppl_stderr"] = result["ppl_stderr"]
-    _write_metrics(out, metrics)
-
-
-def compute_answer_loss(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) -> None:
-    from sparselab.evaluate.answer_loss import example_losses, summarise
-    from sparselab.evaluate.examples import ExampleScores, example_id, fingerprint
-    cfg = plan.cell.config.evaluate.answer_loss
-    metrics = {}
-    scores = ExampleScores()
-    for name in cfg.data:
-        dataset = DATASETS.get(name)()
-        split = dataset.examples(plan.source, dataset.eval_split)
-        indices = sample_indices(len(split), cfg.limit, cfg.sample, cfg.seed)
-        examples = [split[i] for i in indices]
-        losses, tokens = example_losses(loaded.model, loaded.tokenizer, examples, cfg.seqlen,
-                                        cfg.batch_size)
-        metrics.update({f"{name}.{key}": value for key, value in summarise(losses, tokens).items()})
-        scored = fingerprint(json.dumps(examples).encode())
-        for score, values in losses.items():  # keyed by the example's index in the split
-            scores.add(f"{name}.{score}_nll",
-                       (example_id(name, "example", indices[i]) for i in values),
-                       values.values(), fingerprint=scored)
-    scores.write(out / "artifacts")
-    _write_metrics(out, metrics)
-
-
-def compute_tasks(stage: Stage, plan: CellPlan, loaded: LoadedModel, out: Path) -> None:
-    from sparselab.evaluate.harness import evaluate_tasks
-    cfg = plan.cell.config
-    _write_metrics(out, evaluate_tasks(loaded, cfg, plan.source, out / "artifacts",
-                                       gen_kwargs=cfg.evaluate.gen_kwargs or None))
-
-
-COMPUTE = {"load": compute_load, "prune": compute_prune, "recover": compute_recover,
-           "perplexity": compute_perplexity, "answer_loss": compute_answer_loss,
-           "tasks": compute_tasks}
 
 
 # --- cells -----------------------------------------------------------------------------------
@@ -237,21 +115,24 @@ class CellOutcome:
 
 
 def cell_metrics(plan: CellPlan, entries: dict[str, Entry]) -> dict[str, float]:
-    """The DESIGN §5 metrics of a cell from its stage entries."""
+    """A cell's metrics from its stage entries (by role); the evaluations' times add up to
+    `time.evaluate_s`."""
     metrics: dict[str, float] = {}
-    evaluate_s = 0.0
+    evaluate_s, evaluated = 0.0, False
+    stages = dict(plan.roles())
     for role, entry in entries.items():
         values = entry.metrics
-        if role == "perplexity_pruned":
+        if role == PRUNED_ROLE:
             metrics.update({role_metric(role, k): v for k, v in values.items()
                             if ".ppl" in k and not k.startswith("time.")})
             continue
+        kind = stages[role].kind
         for key, value in values.items():
-            if key in ("time.perplexity_s", "time.answer_loss_s", "time.tasks_s"):
-                evaluate_s += value
+            if key == kind.time_metric and not kind.produces_model:
+                evaluate_s, evaluated = evaluate_s + value, True
             else:
                 metrics[key] = value
-    if {"perplexity", "answer_loss", "tasks"} & entries.keys():
+    if evaluated:
         metrics["time.evaluate_s"] = evaluate_s
     return current_names(metrics)
 
@@ -395,6 +276,6 @@ def third_party_output(stream: TextIO) -> Iterator[None]:
 
 
 def placement() -> dict[str, str]:
-    """Where this process computes: host and device (DESIGN §8: runs say where they ran)."""
+    """Where this process computes: host and device (tags, so a run says where it ran)."""
     import socket
     return {"host": socket.gethostname(), "device": compute_device_name()}

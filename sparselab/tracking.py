@@ -1,4 +1,4 @@
-"""MLflow layout (DESIGN §5): one experiment per matrix, a parent run per invocation, a child per cell.
+"""MLflow layout (README, "Tracking"): one experiment per matrix, a parent run per invocation, a child per cell.
 
 Everything goes through one `MlflowClient` in the driver process, so a SQLite store never sees two
 writers; a team points MLFLOW_TRACKING_URI at an `mlflow server` instead (see tracking/).

@@ -43,10 +43,11 @@ def _check_cell(cell: Cell) -> None:
                         "use 'builtin' for the shipped fixtures.", key="data_dir")
     method = PRUNING.get(cfg.prune.method)()
     _as_user_error(lambda: method.check(cfg.prune), "prune")
-    if cfg.prune.method != "none" and getattr(method, "needs_calibration", False):
+    prunes = not method.passes_through
+    if prunes and method.needs_calibration:
         _check_training_data(cfg.prune.calibration.data, source, "prune.calibration.data")
     model_config = model_source(cfg.model).config(cfg.trust_remote_code)
-    if model_config is not None and cfg.prune.method != "none":
+    if model_config is not None and prunes:
         _as_user_error(lambda: method.check_model(cfg.prune, model_config), "prune")
     context = context_length(model_config) if model_config is not None else None
     for key, seqlen in _seqlens(cell).items():
@@ -54,10 +55,10 @@ def _check_cell(cell: Cell) -> None:
             raise UserError(f"seqlen {seqlen} is longer than the context of model "
                             f"'{cfg.model}' ({context} tokens).", key=key)
     recovery = RECOVERY.get(cfg.recover.method)()
-    if cfg.recover.method != "none":
+    if not recovery.passes_through:
         names = linear_names(model_config) if model_config is not None else None
         _as_user_error(lambda: recovery.check(cfg.recover, names), "recover.lora.targets")
-        if recovery.needs_pruned_parent and cfg.prune.method == "none":
+        if recovery.needs_pruned_parent and not prunes:
             raise UserError(f"recovery method '{cfg.recover.method}' keeps the pruned weights "
                             "at zero, but this cell prunes nothing (prune.method: none), so "
                             "there is no mask; use lora, or prune first.", key="recover.method")
@@ -78,15 +79,15 @@ def _check_cell(cell: Cell) -> None:
             _require(dataset, source, dataset.eval_split, "evaluate.answer_loss.data")
     if cfg.evaluate.tasks:
         from sparselab.evaluate.tasks import check_tasks
-        _as_user_error(lambda: check_tasks(cfg, source), "evaluate.tasks")
+        _as_user_error(lambda: check_tasks(cfg.evaluate, source), "evaluate.tasks")
 
 
 def _seqlens(cell: Cell) -> dict[str, int]:
     cfg = cell.config
     out = {}
-    if cfg.prune.method != "none":
+    if not PRUNING.get(cfg.prune.method).passes_through:
         out["prune.calibration.seqlen"] = cfg.prune.calibration.seqlen
-    if cfg.recover.method != "none":
+    if not RECOVERY.get(cfg.recover.method).passes_through:
         out["recover.train.seqlen"] = cfg.recover.train.seqlen
     if cfg.evaluate.perplexity is not None:
         out["evaluate.perplexity.seqlen"] = cfg.evaluate.perplexity.seqlen

@@ -30,7 +30,7 @@ def test_local_wikitext2_rows_are_the_hubs(tmp_path):
 def test_a_revised_dataset_changes_only_the_keys_of_stages_that_read_it():
     source = resolve_data_dir("builtin")
     assert DATASETS.get("wikitext2").revision > 1 and DATASETS.get("squad").revision == 1
-    assert _data_key(source, "squad") == "builtin"  # entries made before the revision still hit
+    assert _data_key(source, ["squad"]) == "builtin"  # entries made before the revision still hit
     revised = f"wikitext2@{DATASETS.get('wikitext2').revision}"
-    assert _data_key(source, "wikitext2") == f"builtin {revised}"
-    assert _data_key(source, "gsm8k", Mixture(mix={"squad": 1, "wikitext2": 1})) == f"builtin {revised}"
+    assert _data_key(source, ["wikitext2"]) == f"builtin {revised}"
+    assert _data_key(source, ["gsm8k", Mixture(mix={"squad": 1, "wikitext2": 1})]) == f"builtin {revised}"

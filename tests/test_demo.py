@@ -1,5 +1,5 @@
 """The README's demo on the real SmolLM2-135M: its report shows real, significant differences.
-Opt-in (minutes of CPU): python -m pytest -m slow tests/test_demo.py"""
+Opt-in (minutes of CPU): python -m pytest -m real_model tests/test_demo.py"""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ from conftest import REPO
 DEMO = REPO / "matrix" / "demo.yaml"
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_demo_report_holds_its_expectations(workspace):
     from sparselab.models import SmolLM2GGUF

@@ -9,10 +9,13 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from sparselab.cli import main, prepare_plans
+from sparselab.cli import main
+from sparselab.study import prepare_plans
 from sparselab.prune.layers import sparsity_report
 
 from conftest import write
+
+pytestmark = pytest.mark.slow  # end-to-end: pytest -m 'not slow' leaves these out
 
 MATRIX = """
 name: export

@@ -13,6 +13,8 @@ from sparselab.cli import main
 from conftest import REPO, write
 from test_bad_input import GOOD
 
+pytestmark = pytest.mark.slow  # end-to-end: pytest -m 'not slow' leaves these out
+
 OPEN_STORE = "from sparselab.tracking import Tracker; Tracker('race')"
 
 
@@ -161,13 +163,13 @@ def test_an_entry_made_by_another_runner_while_waiting_is_not_computed_again(tmp
     locked, release = threading.Event(), threading.Event()
 
     def other_runner():
-        with cache.lock(stage.kind, stage.key):
+        with cache.lock(stage.kind.name, stage.key):
             locked.set()
             release.wait(10)
-            with cache.writing(stage.kind, stage.key, {"by": "other"}):
+            with cache.writing(stage.kind.name, stage.key, {"by": "other"}):
                 pass
 
-    monkeypatch.setitem(runner_module.COMPUTE, stage.kind,
+    monkeypatch.setattr(type(stage.kind), "compute",
                         lambda *a: pytest.fail("computed an entry another runner made"))
     thread = threading.Thread(target=other_runner)
     thread.start()

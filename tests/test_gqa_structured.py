@@ -48,7 +48,7 @@ def run_prune(loaded, config: CellConfig, tmp_path, cache=None, model_key="tiny"
     method = PRUNING.get("gqa_structured")()
     method.check(config.prune)
     method.check_model(config.prune, loaded.model.config)
-    ctx = PruneContext(config, resolve_data_dir("builtin"), tmp_path / "artifacts", LOG,
+    ctx = PruneContext(config.prune, resolve_data_dir("builtin"), tmp_path / "artifacts", LOG,
                        model_key=model_key, cache=cache)
     return method.prune(loaded, ctx)
 
@@ -347,10 +347,10 @@ def test_bad_input_is_refused(tiny_model_dir, tmp_path):
     # and at prune start, before any work, on the model itself
     loaded = load_model(tiny_model_dir)
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    ctx = PruneContext(cell(0.6), resolve_data_dir("builtin"), tmp_path / "art", LOG)
+    ctx = PruneContext(cell(0.6).prune, resolve_data_dir("builtin"), tmp_path / "art", LOG)
     with pytest.raises(ValueError, match="every attention group"):
         method.prune(loaded, ctx)
-    ctx = PruneContext(cell(0.25, layer_importance=str(bad)), resolve_data_dir("builtin"),
+    ctx = PruneContext(cell(0.25, layer_importance=str(bad)).prune, resolve_data_dir("builtin"),
                        tmp_path / "art", LOG)
     with pytest.raises(ValueError, match="3 layers"):
         method.prune(loaded, ctx)
@@ -358,12 +358,12 @@ def test_bad_input_is_refused(tiny_model_dir, tmp_path):
     model = LlamaForCausalLM(mha)
     with pytest.raises(ValueError, match="no grouped-query attention"):
         method.prune(type(loaded)(model, loaded.tokenizer),
-                     PruneContext(cell(0.25), resolve_data_dir("builtin"), tmp_path / "a", LOG))
+                     PruneContext(cell(0.25).prune, resolve_data_dir("builtin"), tmp_path / "a", LOG))
     from transformers import GPT2Config, GPT2LMHeadModel
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="KV-grouped"):
         method.prune(type(loaded)(gpt2, loaded.tokenizer),
-                     PruneContext(cell(0.25), resolve_data_dir("builtin"), tmp_path / "a", LOG))
+                     PruneContext(cell(0.25).prune, resolve_data_dir("builtin"), tmp_path / "a", LOG))
 
 
 def test_matrix_run_prune_recover_evaluate(workspace):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sparselab.data.catalog import DataSource, resolve_data_dir
-from sparselab.matrix import CellConfig
+from sparselab.matrix import CellConfig, Evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 4
@@ -72,9 +72,10 @@ def make_data_dir(root: Path) -> Path:
     return root
 
 
-def cell_for(tasks: list[str], **evaluate) -> CellConfig:
+def settings_for(tasks: list[str], **evaluate) -> Evaluate:
+    """The `evaluate` section of a cell, its seed filled in as a cell fills it."""
     return CellConfig(model="tiny-llama", seed=0, evaluate={
-        "tasks": tasks, "limit": LIMIT, "batch_size": 2, "perplexity": None, **evaluate})
+        "tasks": tasks, "limit": LIMIT, "batch_size": 2, "perplexity": None, **evaluate}).evaluate
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +102,9 @@ def run(tiny_loaded, data_dir, tmp_path_factory):
     artifacts = tmp_path_factory.mktemp("artifacts")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluate, "load", refuse)
-        metrics = evaluate_tasks(tiny_loaded, cell_for(["squadv2", "gsm8k", "boolq"]), data_dir,
-                                 artifacts, gen_kwargs=GEN_KWARGS)
+        metrics = evaluate_tasks(tiny_loaded, settings_for(["squadv2", "gsm8k", "boolq"],
+                                                           gen_kwargs=GEN_KWARGS),
+                                 data_dir, artifacts)
     return metrics, artifacts
 
 
@@ -210,7 +212,7 @@ def test_peft_wrapped_model(tiny_model_dir, data_dir, run, tmp_path):
     base = load_model(tiny_model_dir)
     wrapped = get_peft_model(base.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     wrapped.eval()
-    metrics = evaluate_tasks(LoadedModel(wrapped, base.tokenizer), cell_for(["boolq"]), data_dir,
+    metrics = evaluate_tasks(LoadedModel(wrapped, base.tokenizer), settings_for(["boolq"]), data_dir,
                              tmp_path)
     assert metrics["boolq.acc"] == run[0]["boolq.acc"]
     ours = _samples(tmp_path / "lm_eval_samples_boolq.jsonl")
@@ -309,14 +311,14 @@ def test_check_tasks_names_the_missing_file(tmp_path):
     (folder / "gsm8k" / "train.jsonl").unlink()
     (folder / "boolq" / "val.jsonl").unlink()
     source = resolve_data_dir(str(folder))
-    check_tasks(cell_for(["squadv2"]), source)
-    check_tasks(cell_for(["gsm8k"], num_fewshot=0), source)
+    check_tasks(settings_for(["squadv2"]), source)
+    check_tasks(settings_for(["gsm8k"], num_fewshot=0), source)
     with pytest.raises(ValueError, match=r"num_fewshot=5 .*'train'.*gsm8k/train\.jsonl"):
-        check_tasks(cell_for(["gsm8k"]), source)  # lm-eval's gsm8k is 5-shot by default
+        check_tasks(settings_for(["gsm8k"]), source)  # lm-eval's gsm8k is 5-shot by default
     with pytest.raises(ValueError, match=r"'boolq'.*boolq/val\.jsonl.*boolq/dev\.jsonl"):
-        check_tasks(cell_for(["boolq"]), source)
+        check_tasks(settings_for(["boolq"]), source)
     with pytest.raises(ValueError, match=r"boolq.*num_fewshot=1.*boolq/train\.jsonl"):
-        check_tasks(cell_for(["boolq"], num_fewshot=1), resolve_data_dir(str(
+        check_tasks(settings_for(["boolq"], num_fewshot=1), resolve_data_dir(str(
             make_data_dir(tmp_path / "full"))))
 
 
@@ -329,18 +331,18 @@ def test_check_tasks_offline_hub(tmp_path, monkeypatch):
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     hub = DataSource(None, "hub")
     with pytest.raises(ValueError, match=r"'boolq' reads 'aps/super_glue'.*offline.*data_dir"):
-        check_tasks(cell_for(["boolq"]), hub)
+        check_tasks(settings_for(["boolq"]), hub)
     local = resolve_data_dir(str(make_data_dir(tmp_path / "data")))
     with pytest.raises(ValueError, match=r"'arc_easy' is an lm-eval task.*only squadv2, gsm8k"):
-        check_tasks(cell_for(["squadv2", "arc_easy"]), local)
+        check_tasks(settings_for(["squadv2", "arc_easy"]), local)
     # in the local datasets cache it is allowed (best effort: lm-eval reads it from there)
     cached = tmp_path / "empty_hf_home" / "datasets" / "allenai___ai2_arc"
     cached.mkdir(parents=True)
     (cached / "ARC-Easy").mkdir()
-    check_tasks(cell_for(["arc_easy"]), local)
+    check_tasks(settings_for(["arc_easy"]), local)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
-    check_tasks(cell_for(["boolq", "hellaswag"]), hub)  # online: can't know, so allowed
+    check_tasks(settings_for(["boolq", "hellaswag"]), hub)  # online: can't know, so allowed
 
 
 def test_per_example_scores_add_up_to_lm_evals_metrics(run):
@@ -360,8 +362,8 @@ def test_random_sample_scores_seeded_documents(tiny_loaded, data_dir, tmp_path):
     from sparselab.evaluate.examples import ExampleScores
     from sparselab.evaluate.harness import evaluate_tasks
     from sparselab.matrix import sample_indices
-    cell = cell_for(["boolq"], limit=3, sample="random", seed=5)
-    metrics = evaluate_tasks(tiny_loaded, cell, data_dir, tmp_path)
+    settings = settings_for(["boolq"], limit=3, sample="random", seed=5)
+    metrics = evaluate_tasks(tiny_loaded, settings, data_dir, tmp_path)
     drawn = sample_indices(6, 3, "random", 5)
     assert drawn != [0, 1, 2] and drawn == sorted(drawn)
     scores = ExampleScores.read(tmp_path / "examples.json")

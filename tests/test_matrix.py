@@ -1,4 +1,4 @@
-"""Matrix expansion, hashing and the shared prune stages of the guide's table."""
+"""Matrix expansion, hashing and the shared prune stages of the task_specific table."""
 from __future__ import annotations
 
 import pytest

@@ -32,7 +32,7 @@ def cell(method: str, **prune) -> CellConfig:
 def run_prune(loaded, config: CellConfig, tmp_path) -> dict:
     method = PRUNING.get(config.prune.method)()
     method.check(config.prune)
-    ctx = PruneContext(config, resolve_data_dir("builtin"), tmp_path / "artifacts", LOG)
+    ctx = PruneContext(config.prune, resolve_data_dir("builtin"), tmp_path / "artifacts", LOG)
     return method.prune(loaded, ctx)
 
 

@@ -19,7 +19,7 @@ def _ctx(tmp_path, **recover) -> RecoverContext:
     cell = CellConfig.model_validate({"model": "tiny-llama", "data_dir": "builtin",
                                       "prune": {"method": "magnitude"}, "recover": recover})
     (tmp_path / "artifacts").mkdir(exist_ok=True)
-    return RecoverContext(cell, resolve_data_dir("builtin"), tmp_path / "artifacts",
+    return RecoverContext(cell.recover, resolve_data_dir("builtin"), tmp_path / "artifacts",
                           logging.getLogger("test"))
 
 

@@ -10,6 +10,8 @@ from sparselab.cli import main
 from conftest import REPO, write
 from test_bad_input import GOOD
 
+pytestmark = pytest.mark.slow  # end-to-end: pytest -m 'not slow' leaves these out
+
 SMOKE = REPO / "tests" / "matrices" / "smoke.yaml"
 
 
@@ -42,7 +44,7 @@ def test_smoke_matrix_end_to_end(workspace):
     assert sorted(by_cell) == ["baseline", "dense", "exp1", "exp2", "exp3", "exp4"]
     exp2 = by_cell["exp2"]
     assert exp2.info.status == "FINISHED"
-    # DESIGN §5 params: the resolved config, flattened with dots
+    # params: the resolved config, flattened with dots (README, "Tracking")
     assert exp2.data.params["prune.calibration.data"] == "squad"
     assert exp2.data.params["recover.data"] == "squad"
     assert exp2.data.params["prune.sparsity"] == "0.5"
@@ -194,12 +196,12 @@ def test_failed_cell_does_not_stop_the_others(workspace, monkeypatch):
 
 
 def test_interrupt_marks_run_killed_and_leaves_no_partial_entry(workspace, monkeypatch):
-    from sparselab import runner
+    from sparselab.stages.perplexity import PerplexityStage
 
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(runner.COMPUTE, "perplexity", interrupted)
+    monkeypatch.setattr(PerplexityStage, "compute", interrupted)
     result = CliRunner().invoke(main, ["run", str(SMOKE), "--only", "baseline"])
     assert result.exit_code == 130
     _, parents, children = _runs(workspace)

@@ -21,6 +21,8 @@ from conftest import REPO
 
 pytest.importorskip("ray", reason="the Ray executor is the optional extra sparselab[ray]")
 
+pytestmark = pytest.mark.slow  # end-to-end: pytest -m 'not slow' leaves these out
+
 SMOKE = str(REPO / "tests" / "matrices" / "smoke.yaml")
 
 

@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from sparselab.data.catalog import DataSource
-from sparselab.matrix import dense_reference, expand, load_matrix
+from sparselab.matrix import expand, load_matrix
 from sparselab.stages import plan_cell
+from sparselab.study import dense_references
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = Path(__file__).with_name("stage_keys.json")
@@ -26,16 +27,9 @@ def stage_keys() -> dict[str, dict[str, dict[str, str]]]:
     out = {}
     for path in sorted([*ROOT.glob("matrix/*.yaml"), *ROOT.glob("tests/matrices/*.yaml")]):
         cells = expand(load_matrix(path))
-        references = {}
-        for cell in cells:
-            reference = dense_reference(cell)
-            references.setdefault(reference.hash, reference)
-        keys = {}
-        several = len(references) > 1  # then prepare_plans names them dense[0], dense[1], ...
-        for index, cell in enumerate([*references.values(), *cells]):
-            name = f"dense[{index}]" if several and index < len(references) else cell.name
-            keys[name] = {role: stage.key for role, stage in plan_cell(cell, SOURCE).roles()}
-        out[str(path.relative_to(ROOT))] = keys
+        out[str(path.relative_to(ROOT))] = {
+            cell.name: {role: stage.key for role, stage in plan_cell(cell, SOURCE).roles()}
+            for cell in [*dense_references(cells), *cells]}
     return out
 
 

@@ -252,7 +252,7 @@ def run_lm_eval(loaded, tasks: list[str], include_path: Path, *, num_fewshot: in
 
 
 def extract_metrics(results: dict[str, Any], tasks: list[str]) -> dict[str, float]:
-    """lm-eval's results -> our metric names (DESIGN §5), numeric values only."""
+    """lm-eval's results -> our metric names (README, "What the numbers are"), numeric values only."""
     metrics: dict[str, float] = {}
     for name in tasks:
         spec = task_spec(name)
@@ -314,27 +314,26 @@ def write_artifacts(results: dict[str, Any], artifacts: Path) -> list[Path]:
     return written
 
 
-def evaluate_tasks(loaded, cell, source: DataSource, artifacts: Path,
-                   gen_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
-    """Run the cell's evaluation tasks on `loaded` (a `sparselab.models.LoadedModel`).
+def evaluate_tasks(loaded, settings, source: DataSource, artifacts: Path) -> dict[str, float]:
+    """Run the tasks of `settings` (the `tasks` stage's `sparselab.matrix.TaskSettings`: tasks,
+    num_fewshot, limit, sample, batch_size, gen_kwargs, seed) on `loaded` (a
+    `sparselab.models.LoadedModel`).
 
-    `cell` is the `sparselab.matrix.CellConfig`; its `evaluate` section gives the tasks,
-    num_fewshot, limit, batch_size and seed. Writes lm-eval's results and samples into
-    `artifacts` and returns the metrics named as in DESIGN §5 (`squadv2.exact`,
-    `gsm8k.exact_match`, `boolq.acc`, ... with `<name>_stderr` where lm-eval gives one).
+    Writes lm-eval's results and samples into `artifacts` and returns the metrics named as the
+    README lists them (`squadv2.exact`, `gsm8k.exact_match`, `boolq.acc`, ... with
+    `<name>_stderr` where lm-eval gives one).
     """
-    ev = cell.evaluate
-    if not ev.tasks:
+    if not settings.tasks:
         return {}
-    check_tasks(cell, source)
-    seed = ev.seed if ev.seed is not None else cell.seed
+    check_tasks(settings, source)
     with tempfile.TemporaryDirectory(prefix="sparselab-tasks-") as tmp:
-        include = prepare_tasks(ev.tasks, source, Path(tmp), ev.num_fewshot)
-        log.info("tasks %s (limit=%s, num_fewshot=%s, data=%s)", ",".join(ev.tasks), ev.limit,
-                 ev.num_fewshot, source.label)
-        results = run_lm_eval(loaded, ev.tasks, include, num_fewshot=ev.num_fewshot,
-                              limit=ev.limit, batch_size=ev.batch_size, seed=seed,
-                              gen_kwargs=gen_kwargs, sample=ev.sample)
+        include = prepare_tasks(settings.tasks, source, Path(tmp), settings.num_fewshot)
+        log.info("tasks %s (limit=%s, num_fewshot=%s, data=%s)", ",".join(settings.tasks),
+                 settings.limit, settings.num_fewshot, source.label)
+        results = run_lm_eval(loaded, settings.tasks, include, num_fewshot=settings.num_fewshot,
+                              limit=settings.limit, batch_size=settings.batch_size,
+                              seed=settings.seed, gen_kwargs=settings.gen_kwargs or None,
+                              sample=settings.sample)
     write_artifacts(results, artifacts)
-    example_scores(results, ev.tasks).write(artifacts)
-    return extract_metrics(results, ev.tasks)
+    example_scores(results, settings.tasks).write(artifacts)
+    return extract_metrics(results, settings.tasks)

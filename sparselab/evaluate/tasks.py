@@ -140,14 +140,14 @@ def check_task(name: str, source: DataSource, num_fewshot: int | None) -> None:
             f"it is not in the local caches; offline, only {ours} can read a data directory.")
 
 
-def check_tasks(cell, source: DataSource) -> None:
-    """Raise ValueError for the first task of the cell whose data is neither reachable nor local.
+def check_tasks(settings, source: DataSource) -> None:
+    """Raise ValueError for the first task whose data is neither reachable nor local.
 
-    `cell` is a `sparselab.matrix.CellConfig`. Hub data is only checked when the hub is offline
-    (whether an online hub has it can't be known without asking it).
+    `settings` is a `sparselab.matrix.TaskSettings` (`evaluate`). Hub data is only checked when
+    the hub is offline (whether an online hub has it can't be known without asking it).
     """
-    for name in cell.evaluate.tasks:
-        check_task(name, source, cell.evaluate.num_fewshot)
+    for name in settings.tasks:
+        check_task(name, source, settings.num_fewshot)
 
 
 def metric_name(spec: TaskSpec, key: str) -> str | None:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from sparselab.cache import StageCache
 from sparselab.data.catalog import DataSource
 from sparselab.errors import UserError
-from sparselab.matrix import CellConfig, Prune
+from sparselab.matrix import Prune
 from sparselab.models import LoadedModel
 
 
@@ -26,16 +26,13 @@ class NoOptions(BaseModel):
 
 @dataclass
 class PruneContext:
-    cell: CellConfig
+    """What a method is given beside the model: its section of the cell, nothing more."""
+    config: Prune
     source: DataSource
     artifacts: Path  # files written here are logged with the run
     log: logging.Logger
     model_key: str = ""  # stage key of the model being pruned: analyses cached beside it key on it
     cache: StageCache | None = None  # for a method's own cached analyses (e.g. layer importance)
-
-    @property
-    def config(self) -> Prune:
-        return self.cell.prune
 
 
 class PruningMethod(abc.ABC):
@@ -43,6 +40,7 @@ class PruningMethod(abc.ABC):
     Options: type[BaseModel] = NoOptions
     patterns: tuple[str, ...] = ("unstructured", "nm", "block")
     needs_calibration = False  # when False, calibration settings do not enter the stage key
+    passes_through = False  # True: the model comes out as it went in (no prune stage at all)
 
     def check(self, config: Prune) -> None:
         """Cheap validation before any model loads; raise ValueError with a clear message."""

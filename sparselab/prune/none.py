@@ -6,6 +6,7 @@ from sparselab.prune.base import PruneContext, PruningMethod
 
 
 class NoPruning(PruningMethod):
+    passes_through = True
     patterns = ("unstructured",)
 
     def check(self, config) -> None:

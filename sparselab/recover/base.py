@@ -12,25 +12,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sparselab.data.catalog import DataSource
-from sparselab.matrix import CellConfig, Recover
+from sparselab.matrix import Recover
 from sparselab.models import LoadedModel, load_model, save_model
 
 
 @dataclass
 class RecoverContext:
-    cell: CellConfig
+    """What a method is given beside the model: its section of the cell, nothing more."""
+    config: Recover
     source: DataSource
     artifacts: Path
     log: logging.Logger
     step_metrics: list[dict[str, float]] = field(default_factory=list)  # per-step train.loss etc.
 
-    @property
-    def config(self) -> Recover:
-        return self.cell.recover
-
 
 class RecoveryMethod(abc.ABC):
     needs_pruned_parent = False  # dense recovery needs the mask a pruning left
+    passes_through = False  # True: the model comes out as it went in (no recover stage at all)
 
     def check(self, config: Recover, linear_names: set[str] | None = None) -> None:
         """Cheap validation before any model loads; raise ValueError with a clear message.

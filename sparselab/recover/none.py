@@ -6,5 +6,6 @@ from sparselab.recover.base import RecoverContext, RecoveryMethod
 
 
 class NoRecovery(RecoveryMethod):
+    passes_through = True
     def recover(self, loaded: LoadedModel, ctx: RecoverContext) -> tuple[LoadedModel, dict]:
         return loaded, {}

@@ -1,0 +1,50 @@
+"""load: the cell's model, built (tiny test models, converted GGUF) or read where it is."""
+from __future__ import annotations
+
+from typing import Any
+
+from sparselab.matrix import CellConfig
+from sparselab.stages.base import ModelSection, ModelStageKind, StageContext
+
+
+class LoadStage(ModelStageKind):
+    name = "load"
+    version = 1
+
+    def section_of(self, cell: CellConfig) -> ModelSection:
+        return ModelSection.of(cell)
+
+    def key_config(self, section: ModelSection) -> dict[str, Any]:
+        from sparselab.models import model_source
+        return {**model_source(section.model).identity(), "dtype": section.dtype,
+                "trust_remote_code": section.trust_remote_code}
+
+    def data_refs(self, section: ModelSection) -> None:
+        return None
+
+    def label(self, section: ModelSection) -> str:
+        return f"load {section.model} ({section.dtype})"
+
+    def is_external(self, section: ModelSection) -> bool:
+        """A hub id or a folder is loaded where it is: nothing is stored."""
+        from sparselab.models import model_source
+        return not model_source(section.model).needs_build
+
+    def compute(self, section: ModelSection, parent: None, ctx: StageContext):
+        from sparselab.models import load_model, model_source, save_model
+        from sparselab.prune.layers import sparsity_report
+        if self.is_external(section):
+            loaded = self.read(section, ctx.out, ctx, None)
+        else:
+            model_source(section.model).build(ctx.out / "model")
+            loaded = load_model(ctx.out / "model", dtype=section.dtype)
+            if section.dtype != "float32":  # store in the dtype the cell asked for
+                save_model(loaded, ctx.out / "model")
+        ctx.write_metrics(sparsity_report(loaded.model)[1])
+        return loaded
+
+    def read(self, section: ModelSection, entry, ctx: StageContext, parent):
+        if self.is_external(section):
+            from sparselab.models import model_source
+            return model_source(section.model).load(section.dtype, section.trust_remote_code)
+        return super().read(section, entry, ctx, parent)

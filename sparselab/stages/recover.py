@@ -1,0 +1,47 @@
+"""recover: the named recovery method fine-tunes the parent's model (sparselab.recover)."""
+from __future__ import annotations
+
+import json
+import logging
+
+from sparselab.matrix import CellConfig, DataRef, Recover, describe_data
+from sparselab.registry import RECOVERY
+from sparselab.stages.base import ModelStageKind, StageContext
+
+log = logging.getLogger("sparselab")
+
+
+class RecoverStage(ModelStageKind):
+    # 2: the LoRA initialisation is seeded
+    name = "recover"
+    version = 2
+
+    def section_of(self, cell: CellConfig) -> Recover:
+        return cell.recover
+
+    def passes_through(self, section: Recover) -> bool:
+        return RECOVERY.get(section.method).passes_through
+
+    def data_refs(self, section: Recover) -> list[DataRef]:
+        return [section.data]
+
+    def label(self, section: Recover) -> str:
+        return f"recover {section.method} on {describe_data(section.data)}"
+
+    def compute(self, section: Recover, parent, ctx: StageContext):
+        from sparselab.recover.base import RecoverContext
+        method = RECOVERY.get(section.method)()
+        method_ctx = RecoverContext(section, ctx.source, ctx.artifacts, log)
+        if ctx.parent_folder is not None:
+            # an adapter records its base by this name: the (pruned) model it was trained on,
+            # not the folder the dense weights were first read from
+            base = str((ctx.parent_folder / "model").resolve())
+            parent.model.name_or_path = parent.model.config._name_or_path = base
+        recovered, extra = method.recover(parent, method_ctx)
+        method.save(recovered, ctx.out)
+        (ctx.out / "steps.json").write_text(json.dumps(method_ctx.step_metrics))
+        ctx.write_metrics({**self.sparsity_metrics(recovered, ctx), **extra})
+        return recovered
+
+    def read(self, section: Recover, entry, ctx: StageContext, parent):
+        return RECOVERY.get(section.method)().load(parent, entry, ctx.models.dtype)
