@@ -18,10 +18,11 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, NonNegativeInt, PositiveFloat,
-                      PositiveInt, Tag, ValidationError, field_validator, model_validator)
+                      PositiveInt, PrivateAttr, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from sparselab.errors import UserError, did_you_mean
-from sparselab.registry import DATASETS, MODELS, PRUNING, RECOVERY, TASKS
+from sparselab.registry import DATASETS, PRUNING, RECOVERY, TASKS
 
 
 class Strict(BaseModel):
@@ -115,6 +116,12 @@ def _try_parse_pattern(pattern: str) -> tuple[str, tuple[int, ...]]:
         return "", ()
 
 
+def errors_at(prefix: tuple[str, ...], exc: ValidationError) -> list[dict[str, Any]]:
+    """A nested model's validation errors, placed at `prefix` inside the model validating it."""
+    return [{"type": e["type"], "loc": (*prefix, *e["loc"]), "input": e["input"],
+             **({"ctx": e["ctx"]} if "ctx" in e else {})} for e in exc.errors()]
+
+
 class Calibration(Strict):
     data: DataRef = "wikitext2"
     samples: PositiveInt = 128
@@ -131,7 +138,30 @@ class Prune(Strict):
     calibration: Calibration = Calibration()
     layer_ratios: Literal["uniform", "owl"] | list[float] = "uniform"
     skip_layers: list[NonNegativeInt] = []
+    # As written (what the stage key hashes); `method_options` is the method's typed view of it
     options: dict[str, Any] = {}
+    _options: BaseModel | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _typed_options(cls, data: Any, handler) -> Prune:
+        """`options` validated once, as the file is read, by the method's own options model
+        (`sparselab/prune/<method>/config.py`), so an error names its key and line."""
+        prune = handler(data)
+        if prune.options:
+            try:
+                prune._options = PRUNING.options(prune.method).model_validate(prune.options)
+            except ValidationError as exc:
+                raise ValidationError.from_exception_data(
+                    cls.__name__, errors_at(("options",), exc)) from None
+        return prune
+
+    @property
+    def method_options(self) -> BaseModel:
+        """The options as the method's options model, defaults filled in."""
+        if self._options is None:  # no options given: the defaults, validated when first used
+            self._options = PRUNING.options(self.method).model_validate(self.options)
+        return self._options
 
     @model_validator(mode="before")
     @classmethod
@@ -296,8 +326,7 @@ class Evaluate(TaskSettings):
             try:
                 sections[key] = None if data[key] is None else section.model_validate(data[key])
             except ValidationError as exc:
-                errors += [{"type": e["type"], "loc": (key, *e["loc"]), "input": e["input"],
-                            **({"ctx": e["ctx"]} if "ctx" in e else {})} for e in exc.errors()]
+                errors += errors_at((key,), exc)
         try:
             evaluate = handler({k: v for k, v in data.items() if k not in extra})
         except ValidationError as exc:
@@ -649,25 +678,37 @@ def _first_line(lines: dict[tuple[str, ...], int], loc: tuple[str, ...]) -> int 
     return None
 
 
-def _fields_at(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
-    """Valid field names of the model found at `loc` (for 'did you mean')."""
+def _fields_at(model: type[BaseModel], loc: tuple[str, ...], tree: Any = None) -> list[str]:
+    """Valid keys of the model found at `loc` (for 'did you mean'). `tree`, the data being
+    validated, decides the model where the data does: a method's options, an added
+    evaluation's section."""
+    node = tree
     for part in loc:
-        field = model.model_fields.get(part)
-        if field is None:
-            break
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        if not nested:
-            break
-        model = nested[0]
-    return list(model.model_fields)
+        if model is Prune and part == "options":
+            method = node.get("method", "wanda") if isinstance(node, dict) else "wanda"
+            if method not in PRUNING:
+                return []
+            nested = PRUNING.options(method)
+        elif issubclass(model, Evaluate) and part in ADDED_EVALUATIONS:
+            nested = ADDED_EVALUATIONS[part]
+        else:
+            field = model.model_fields.get(part)
+            if field is None:
+                break
+            annotation = field.annotation
+            candidates = [annotation, *getattr(annotation, "__args__", ())]
+            found = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+            if not found:
+                break
+            nested = found[0]
+        model, node = nested, node.get(part) if isinstance(node, dict) else None
+    return [field.alias or name for name, field in model.model_fields.items()]
 
 
-def _explain(error: dict[str, Any], model: type[BaseModel]) -> str:
+def _explain(error: dict[str, Any], model: type[BaseModel], tree: Any = None) -> str:
     loc = tuple(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
-        valid = _fields_at(model, loc[:-1])
+        valid = _fields_at(model, loc[:-1], tree)
         return (f"unknown key '{loc[-1]}'.{did_you_mean(loc[-1], valid)} "
                 f"Valid keys here: {', '.join(valid)}.")
     if error["type"] == "missing":
@@ -743,10 +784,10 @@ def _validate_cell(mf: MatrixFile, tree: dict[str, Any], experiment: str | None,
                      or key.startswith(f"{dotted}.")), None)
         if flag is not None:  # the value came from the command line, not from the file
             raise UserError(f"--set {flag}={_short(overrides[flag])}: in cell '{cell}': "
-                            f"{_explain(error, CellConfig)}", file=mf.path, key=dotted) from None
+                            f"{_explain(error, CellConfig, tree)}", file=mf.path, key=dotted) from None
         line = mf.line_of(("experiments", str(experiment), dotted), ("grid", dotted),
                           ("defaults", *loc), loc, ("experiments", str(experiment)))
-        raise UserError(f"in cell '{cell}': {_explain(error, CellConfig)}", file=mf.path,
+        raise UserError(f"in cell '{cell}': {_explain(error, CellConfig, tree)}", file=mf.path,
                         line=line, key=dotted) from None
 
 

@@ -37,11 +37,7 @@ class Registry:
 
     def get(self, name: str) -> Any:
         self.check(name)
-        target = self._entries[name]
-        if not isinstance(target, str):  # registered as the object itself
-            return target
-        module, _, attr = target.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return _resolve(self._entries[name])
 
     def register(self, name: str, target: Any, about: str) -> None:
         """Add `name`: a "module:attribute" path (imported when first used) or the object."""
@@ -54,16 +50,52 @@ class Registry:
         del self._entries[name], self.descriptions[name]
 
 
-PRUNING = Registry("pruning method", {
-    "none": ("sparselab.prune.none:NoPruning",
+class MethodRegistry(Registry):
+    """Pruning methods: each entry also names its options model, kept in a torch-free module
+    (`<method>/config.py`) so the schema validates `prune.options` without importing torch.
+    `entries`: name -> ("module:Method", "module:Options", one line for `sparselab ls`)."""
+
+    def __init__(self, kind: str, entries: dict[str, tuple[str, str, str]]):
+        super().__init__(kind, {name: (method, about) for name, (method, _, about) in entries.items()})
+        self._options = {name: options for name, (_, options, _) in entries.items()}
+
+    def options(self, name: str) -> Any:
+        """The pydantic model of the method's `prune.options`."""
+        self.check(name)
+        return _resolve(self._options[name])
+
+    def register(self, name: str, target: Any, about: str, options: Any = None) -> None:
+        """`options`: the method's options model; by default the method's own `Options`."""
+        super().register(name, target, about)
+        self._options[name] = options if options is not None else target.Options
+
+    def unregister(self, name: str) -> None:
+        super().unregister(name)
+        del self._options[name]
+
+
+def _resolve(target: Any) -> Any:
+    """A "module:attribute" path, imported now; anything else was registered as the object."""
+    if not isinstance(target, str):
+        return target
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+PRUNING = MethodRegistry("pruning method", {
+    "none": ("sparselab.prune.none.method:NoPruning", "sparselab.prune.options:NoOptions",
         "the model as loaded (the dense reference)"),
-    "magnitude": ("sparselab.prune.magnitude:MagnitudePruning",
+    "magnitude": ("sparselab.prune.magnitude.method:MagnitudePruning",
+                  "sparselab.prune.magnitude.config:MagnitudeOptions",
         "smallest |W| removed, no calibration data"),
-    "wanda": ("sparselab.prune.wanda:WandaPruning",
+    "wanda": ("sparselab.prune.wanda.method:WandaPruning",
+              "sparselab.prune.wanda.config:WandaOptions",
         "Wanda (Sun et al. 2023): |W| x input-norm per output row, one calibration pass"),
-    "sparsegpt": ("sparselab.prune.sparsegpt:SparseGPTPruning",
+    "sparsegpt": ("sparselab.prune.sparsegpt.method:SparseGPTPruning",
+                  "sparselab.prune.sparsegpt.config:SparseGPTOptions",
         "SparseGPT (Frantar & Alistarh 2023): OBS mask with weight updates, layer by layer"),
-    "gqa_structured": ("sparselab.prune.gqa_structured:GQAStructuredPruning",
+    "gqa_structured": ("sparselab.prune.gqa_structured.method:GQAStructuredPruning",
+                       "sparselab.prune.gqa_structured.config:GQAOptions",
         "removes whole KV-head groups and MLP channels (weights shrink), per-layer ratios"),
 })
 

@@ -1,11 +1,10 @@
 """Checks that need more than the schema, done before any model loads or any run is created:
-method-specific options and patterns, and that every file a stage will read is there.
+method-specific rules (patterns, option combinations, model shapes), and that every file a stage
+will read is there. (Each method's options are validated by the schema itself, as the file is read.)
 """
 from __future__ import annotations
 
 import os
-
-from pydantic import ValidationError
 
 from sparselab.data.catalog import DataSource, TaskDataset, TextCorpus, resolve_data_dir
 from sparselab.errors import UserError
@@ -99,10 +98,6 @@ def _seqlens(cell: Cell) -> dict[str, int]:
 def _as_user_error(check, key: str) -> None:
     try:
         check()
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        loc = ".".join(str(p) for p in error["loc"])
-        raise UserError(error["msg"] + ".", key=f"{key}.options.{loc}") from None
     except ValueError as exc:
         raise UserError(str(exc), key=key) from None
 

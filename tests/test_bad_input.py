@@ -70,6 +70,16 @@ CASES = {
     "unknown report baseline": (GOOD + "report: {baseline: bb}\n",
                                 ["report.baseline 'bb' is not an experiment", "Did you mean 'b'",
                                  "line 11"]),
+    "unknown method option": (GOOD.replace("sparsity: 0.5}", "sparsity: 0.5, options: {tier: {}}}", 1),
+                              ["unknown key 'tier'", "Did you mean 'tiers'", "prune.options.tier",
+                               "line 5"]),
+    "bad nested option": (GOOD.replace("sparsity: 0.5}", "sparsity: 0.5, options: {tiers: "
+                                       "{ratios: [0.5, 0.5, 0.5]}}}", 1),
+                          ["prune.options.tiers.ratios", "sum to 1", "line 5"]),
+    "option of another method": (GOOD.replace("b: {prune.sparsity: 0.6}",
+                                              "b: {prune.options.blocksize: 64}"),
+                                 ["unknown key 'blocksize'", "prune.options.blocksize", "line 10",
+                                  "Valid keys here: tiers"]),
     "alias bomb": (GOOD.replace("method: magnitude, sparsity: 0.5}", "method: magnitude, "
                                 "sparsity: 0.5, options: {" + ", ".join(
                                     [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}" if i else "0"] * 10)

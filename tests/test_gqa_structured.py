@@ -16,7 +16,7 @@ from sparselab.matrix import CellConfig, config_hash
 from sparselab.models import load_model, save_model
 from sparselab.prune import layer_importance as li
 from sparselab.prune.base import PruneContext
-from sparselab.prune.gqa_structured import (GQAStructuredPruning, allocate, cap_ratios,
+from sparselab.prune.gqa_structured.method import (GQAStructuredPruning, allocate, cap_ratios,
                                             raw_ratios, taylor_scores)
 from sparselab.prune.shapes import SHAPES_FILE
 from sparselab.registry import PRUNING

@@ -69,7 +69,7 @@ def _prune_keys(path, sets=()):
 
 def test_guide_table_has_three_distinct_prune_stages(tmp_path, monkeypatch):
     """Baseline, exp1 and exp3 share the wikitext2 calibration, so they prune once."""
-    from sparselab.prune.magnitude import MagnitudePruning
+    from sparselab.prune.magnitude.method import MagnitudePruning
     monkeypatch.setattr(MagnitudePruning, "needs_calibration", True)
     keys = _prune_keys(write(tmp_path / "m.yaml", GUIDE))
     assert len(set(keys.values())) == 3

@@ -14,9 +14,10 @@ from sparselab.prune.base import PruneContext
 from sparselab.prune.calibration import calibration_set
 from sparselab.prune.layers import decoder_layers, layer_index, prunable_linears
 from sparselab.prune.owl import owl_ratios
-from sparselab.prune.patterns import (Pattern, PatternViolation, TierOptions, tier_counts,
+from sparselab.prune.options import TierOptions
+from sparselab.prune.patterns import (Pattern, PatternViolation, tier_counts,
                                       tiers_mask)
-from sparselab.prune.sparsegpt import sparsegpt_prune
+from sparselab.prune.sparsegpt.method import sparsegpt_prune
 from sparselab.registry import PRUNING
 
 torch.set_num_threads(2)

@@ -170,7 +170,7 @@ def test_changed_evaluation_reruns_only_evaluation(workspace):
 
 
 def test_failed_cell_does_not_stop_the_others(workspace, monkeypatch):
-    from sparselab.prune.wanda import WandaPruning
+    from sparselab.prune.wanda.method import WandaPruning
     original = WandaPruning.prune
 
     def explode(self, loaded, ctx):
@@ -297,7 +297,7 @@ def test_third_party_output_goes_to_the_cell_log(workspace, monkeypatch, verbose
 
     from tqdm import tqdm
 
-    from sparselab.prune.magnitude import MagnitudePruning
+    from sparselab.prune.magnitude.method import MagnitudePruning
     original = MagnitudePruning.prune
 
     def noisy(self, loaded, ctx):

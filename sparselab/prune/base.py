@@ -11,17 +11,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from sparselab.cache import StageCache
 from sparselab.data.catalog import DataSource
 from sparselab.errors import UserError
 from sparselab.matrix import Prune
 from sparselab.models import LoadedModel
-
-
-class NoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from sparselab.prune.options import NoOptions
 
 
 @dataclass
@@ -36,7 +33,8 @@ class PruneContext:
 
 
 class PruningMethod(abc.ABC):
-    """Subclasses set `Options` (validated from `prune.options`) and implement `prune`."""
+    """Subclasses set `Options` (their `prune.options` model, from their torch-free config.py,
+    which the schema validates: methods read `config.method_options`) and implement `prune`."""
     Options: type[BaseModel] = NoOptions
     patterns: tuple[str, ...] = ("unstructured", "nm", "block")
     needs_calibration = False  # when False, calibration settings do not enter the stage key
@@ -58,13 +56,9 @@ class PruningMethod(abc.ABC):
                 f"{implied:g} or leave it out. N:M counts the weights kept, as NVIDIA's 2:4 does "
                 f"(the Wanda command line's prune_n counts those pruned: they agree only for 2:4 "
                 f"and 4:8).", key="prune.sparsity")
-        self.Options.model_validate(config.options)
 
     def check_model(self, config: Prune, model_config) -> None:
         """Validation that needs the model's shape (its config, no weights); ValueError if bad."""
-
-    def options(self, config: Prune) -> BaseModel:
-        return self.Options.model_validate(config.options)
 
     @abc.abstractmethod
     def prune(self, loaded: LoadedModel, ctx: PruneContext) -> dict[str, float]:

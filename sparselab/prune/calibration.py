@@ -47,7 +47,8 @@ from sparselab.data.catalog import DataSource, TaskDataset, TextCorpus
 from sparselab.matrix import Calibration, data_components, describe_data
 from sparselab.prune.base import PruneContext, PruningMethod
 from sparselab.prune.layers import decoder_layers, linear_modules, prunable_linears
-from sparselab.prune.owl import OwlOptions, layer_sparsities, outlier_share, validate_ratios
+from sparselab.prune.options import OwlOptions
+from sparselab.prune.owl import layer_sparsities, outlier_share, validate_ratios
 from sparselab.prune.patterns import Pattern, check_against_model
 
 
@@ -359,7 +360,7 @@ class LayerwisePruning(PruningMethod):
                              "use unstructured or block:BxB.")
 
     def check_model(self, config, model_config) -> None:
-        options = self.options(config)
+        options = config.method_options
         check_against_model(config, Pattern.parse(config.pattern, getattr(options, "tiers", None)),
                             model_config)
 
@@ -374,7 +375,7 @@ class LayerwisePruning(PruningMethod):
 
     def prune(self, loaded, ctx: PruneContext) -> dict[str, float]:
         config = ctx.config
-        options = self.options(config)
+        options = config.method_options
         pattern = Pattern.parse(config.pattern, getattr(options, "tiers", None))
         model = loaded.model
         layers = decoder_layers(model)

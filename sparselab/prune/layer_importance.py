@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparselab.prune.gqa_structured.config import LAYER_IMPORTANCE_METRICS as METRICS
 from sparselab.prune.layers import decoder_layers
 
 STAGE = "layer_importance"
 FILE = "layer_importance.json"
 FORMAT = "sparselab-layer-importance"
-METRICS = ("removal", "cosine")
 
 
 def _base(model: nn.Module) -> nn.Module:

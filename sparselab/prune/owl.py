@@ -29,16 +29,9 @@ the target. When every layer has the same outlier share the ratios are uniform.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 
 from sparselab.matrix import Prune
-
-
-class OwlOptions(BaseModel):
-    """`options.owl`: outlier threshold M (times the layer mean) and the ratio spread lambda."""
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    M: PositiveFloat = 5.0
-    lam: float = Field(0.08, alias="lambda", ge=0.0, lt=0.5)
+from sparselab.prune.options import OwlOptions
 
 
 def outlier_share(scores: list[torch.Tensor], M: float) -> float:

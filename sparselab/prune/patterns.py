@@ -26,9 +26,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, PositiveInt, field_validator, model_validator
 
 from sparselab.matrix import parse_pattern
+from sparselab.prune.options import TierOptions
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
@@ -91,47 +91,7 @@ def mask_for_pattern(scores: torch.Tensor, pattern: str, sparsity: float,
     raise ValueError(f"pattern '{pattern}' has no score-to-mask rule here")
 
 
-# --- tiers ---------------------------------------------------------------------------------------
-
-class TierOptions(BaseModel):
-    """`options.tiers`: shares of dense / N:M / removed blocks, the N:M pattern, the block size."""
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    ratios: tuple[float, float, float] = (0.35, 0.45, 0.20)
-    nm: str = "2:4"
-    block: PositiveInt = 16
-
-    @field_validator("ratios")
-    @classmethod
-    def _ratios(cls, ratios: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
-            raise ValueError(f"tiers.ratios {list(ratios)} must be three non-negative shares "
-                             "(dense, N:M, removed) that sum to 1")
-        return ratios
-
-    @field_validator("nm")
-    @classmethod
-    def _nm(cls, nm: str) -> str:
-        kind, _ = parse_pattern(nm)
-        if kind != "nm":
-            raise ValueError(f"tiers.nm '{nm}' must be an N:M pattern such as '2:4'")
-        return nm
-
-    @model_validator(mode="after")
-    def _block_fits_nm(self) -> TierOptions:
-        if self.block % self.nm_args[1]:
-            raise ValueError(f"tiers.block {self.block} must be a multiple of M={self.nm_args[1]} "
-                             f"of tiers.nm '{self.nm}'")
-        return self
-
-    @property
-    def nm_args(self) -> tuple[int, int]:
-        return parse_pattern(self.nm)[1]  # type: ignore[return-value]
-
-    @property
-    def sparsity(self) -> float:
-        n, m = self.nm_args
-        return self.ratios[1] * (1 - n / m) + self.ratios[2]
-
+# --- tiers (their options: sparselab.prune.options.TierOptions) ------------------------------
 
 def _round_half_up(value: float) -> int:
     return int(math.floor(value + 0.5))

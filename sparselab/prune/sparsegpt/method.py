@@ -34,20 +34,11 @@ asked share, so the reported sparsity is the requested one; N:M masks are the re
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 from sparselab.prune.calibration import LayerwisePruning
-from sparselab.prune.owl import OwlOptions
 from sparselab.prune.patterns import Pattern, nm_mask, unstructured_mask
-
-
-class SparseGPTOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    blocksize: PositiveInt = 128
-    percdamp: float = Field(0.01, gt=0.0)
-    per_row: bool = False
-    owl: OwlOptions = OwlOptions()
+from sparselab.prune.sparsegpt.config import SparseGPTOptions
 
 
 class Hessian:
@@ -133,7 +124,7 @@ class SparseGPTPruning(LayerwisePruning):
 
     def check(self, config) -> None:
         super().check(config)
-        options = self.options(config)
+        options = config.method_options
         pattern = Pattern.parse(config.pattern)
         if pattern.kind == "nm" and options.blocksize % pattern.args[1]:
             raise ValueError(f"options.blocksize {options.blocksize} must be a multiple of M="

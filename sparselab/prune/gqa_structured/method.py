@@ -53,52 +53,18 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator, model_validator
 from torch import nn
 
 from sparselab.models import LoadedModel
 from sparselab.prune import layer_importance as li
 from sparselab.prune import shapes as sh
 from sparselab.prune.base import PruneContext, PruningMethod
+from sparselab.prune.gqa_structured.config import GQAOptions
 from sparselab.prune.layers import decoder_layers
 
-
-class GQAOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    attention: bool = True
-    mlp: bool = True
-    importance: Literal["taylor", "magnitude"] = "taylor"
-    layer_importance: str = "removal"
-    strategy: Literal["uniform", "inverse", "linear"] = "uniform"
-    layer_range: tuple[NonNegativeInt, NonNegativeInt] | None = None
-    spread: float = Field(0.5, ge=0.0, le=1.0)
-
-    @field_validator("layer_importance")
-    @classmethod
-    def _layer_importance(cls, value: str) -> str:
-        if value not in li.METRICS and not value.endswith(".json"):
-            raise ValueError(f"layer_importance must be removal, cosine or the path of a "
-                             f"layer_importance.json (got '{value}')")
-        return value
-
-    @field_validator("layer_range")
-    @classmethod
-    def _range(cls, value):
-        if value is not None and value[0] >= value[1]:
-            raise ValueError(f"layer_range [start, end) needs start < end (got {list(value)})")
-        return value
-
-    @model_validator(mode="after")
-    def _not_empty(self) -> GQAOptions:
-        if not (self.attention or self.mlp):
-            raise ValueError("options attention and mlp are both false: nothing to prune")
-        return self
-
-
-# --- per-layer ratios -----------------------------------------------------------------------------
 
 def raw_ratios(importance: list[float], target: float, strategy: str, layers: list[int],
                spread: float = 0.5) -> dict[int, float]:
@@ -184,6 +150,7 @@ def allocate(ratios: dict[int, float], units: dict[int, int], importance: list[f
 
 
 # --- unit scores ---------------------------------------------------------------------------------
+
 
 @dataclass
 class LayerPlan:
@@ -377,7 +344,7 @@ class GQAStructuredPruning(PruningMethod):
         if config.skip_layers:
             raise ValueError("gqa_structured: use options.layer_range [start, end) to keep "
                              "layers intact, not prune.skip_layers.")
-        options = self.options(config)
+        options = config.method_options
         if options.layer_importance not in li.METRICS:
             data = li.read_file(options.layer_importance)
             if options.layer_range is not None and options.layer_range[1] > data["num_layers"]:
@@ -387,7 +354,7 @@ class GQAStructuredPruning(PruningMethod):
 
     def check_model(self, config, model_config) -> None:
         """Validation that needs the model's config (its layer count and head counts)."""
-        options = self.options(config)
+        options = config.method_options
         facts = ModelFacts.of_config(model_config)
         self._check_facts(config, options, facts)
         self._ratios(config, options, facts, [0.0] * facts.num_layers)
@@ -430,7 +397,7 @@ class GQAStructuredPruning(PruningMethod):
 
     def prune(self, loaded: LoadedModel, ctx: PruneContext) -> dict[str, float]:
         config = ctx.config
-        options = self.options(config)
+        options = config.method_options
         model = loaded.model
         facts = ModelFacts.of_model(model, options.attention, options.mlp)
         layers = self._check_facts(config, options, facts)

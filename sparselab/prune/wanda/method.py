@@ -31,21 +31,13 @@ from __future__ import annotations
 import logging
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from sparselab.prune.calibration import InputNorms, LayerwisePruning
-from sparselab.prune.owl import OwlOptions
-from sparselab.prune.patterns import Pattern, TierOptions
+from sparselab.prune.patterns import Pattern
+from sparselab.prune.wanda.config import WandaOptions
 
 log = logging.getLogger(__name__)
-
-
-class WandaOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    variant: bool = False
-    tiers: TierOptions = TierOptions()
-    owl: OwlOptions = OwlOptions()
 
 
 def variant_mask(scores: torch.Tensor, sparsity: float, tolerance: float = 0.001
@@ -79,7 +71,7 @@ class WandaPruning(LayerwisePruning):
 
     def check(self, config) -> None:
         super().check(config)
-        options = self.options(config)
+        options = config.method_options
         if options.variant and Pattern.parse(config.pattern).kind != "unstructured":
             raise ValueError(f"options.variant applies to pattern 'unstructured' only, not "
                              f"'{config.pattern}'.")

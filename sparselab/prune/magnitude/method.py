@@ -16,18 +16,13 @@ papers' magnitude baselines; N:M, blocks and tiers compare within their groups.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from sparselab.models import LoadedModel
 from sparselab.prune.base import PruneContext, PruningMethod
 from sparselab.prune.layers import decoder_layers, layer_index, prunable_linears
 from sparselab.prune.owl import layer_sparsities
-from sparselab.prune.patterns import Pattern, TierOptions, check_against_model
-
-
-class MagnitudeOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    tiers: TierOptions = TierOptions()
+from sparselab.prune.magnitude.config import MagnitudeOptions
+from sparselab.prune.patterns import Pattern, check_against_model
 
 
 class MagnitudePruning(PruningMethod):
@@ -46,13 +41,13 @@ class MagnitudePruning(PruningMethod):
                              "N:M and tiers fix the sparsity of every layer.")
 
     def check_model(self, config, model_config) -> None:
-        check_against_model(config, Pattern.parse(config.pattern, self.options(config).tiers),
+        check_against_model(config, Pattern.parse(config.pattern, config.method_options.tiers),
                             model_config)
 
     @torch.no_grad()
     def prune(self, loaded: LoadedModel, ctx: PruneContext) -> dict[str, float]:
         config = ctx.config
-        options = self.options(config)
+        options = config.method_options
         pattern = Pattern.parse(config.pattern, options.tiers)
         sparsities = layer_sparsities(config, len(decoder_layers(loaded.model)))
         linears = prunable_linears(loaded.model)

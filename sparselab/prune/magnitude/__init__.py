@@ -1,0 +1,1 @@
+"""magnitude pruning. `config.py`: its `prune.options`, torch-free (the schema reads it); `method.py`: the method."""

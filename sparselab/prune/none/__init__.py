@@ -1,0 +1,1 @@
+"""no pruning: the dense reference. `method.py`: the method."""

@@ -1,0 +1,1 @@
+"""SparseGPT (Frantar & Alistarh 2023). `config.py`: its `prune.options`, torch-free (the schema reads it); `method.py`: the method."""

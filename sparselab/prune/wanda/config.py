@@ -1,0 +1,13 @@
+"""`prune.options` of method wanda (see sparselab.prune.wanda.method for the YAML and the algorithm)."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from sparselab.prune.options import OwlOptions, TierOptions
+
+
+class WandaOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    variant: bool = False
+    tiers: TierOptions = TierOptions()
+    owl: OwlOptions = OwlOptions()
