@@ -110,7 +110,7 @@ def _merged(plan: CellPlan, dest: Path) -> Exported:
 
 
 def _structured(folder: Path) -> bool:
-    from sparselab.prune.shapes import SHAPES_FILE
+    from sparselab.shapes import SHAPES_FILE
     return (folder / SHAPES_FILE).is_file()
 
 

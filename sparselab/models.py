@@ -208,7 +208,7 @@ def load_model(path: str | Path, dtype: str = "float32",
             model.hf_quantizer.remove_quantization_config(model)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return LoadedModel(model.to(compute_device()), tokenizer)
-    from sparselab.prune.shapes import load_shaped  # per-layer shapes of structured pruning
+    from sparselab.shapes import load_shaped  # per-layer shapes of structured pruning
     model = load_shaped(path, kwargs["dtype"], trust_remote_code)
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -235,7 +235,7 @@ def compute_device_name() -> str:
 
 
 def save_model(loaded: LoadedModel, folder: Path) -> None:
-    from sparselab.prune.shapes import save_shapes
+    from sparselab.shapes import save_shapes
     loaded.model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
     save_shapes(loaded.model, Path(folder))  # sparselab_shapes.json, if layers differ from config

@@ -30,7 +30,14 @@ def prepare_plans(matrix: str, only: str | None, sets: tuple[str, ...], data_dir
                   limits: tuple[int, int] | None = None):
     """Matrix file -> validated cells (dense reference first) and their stage plans.
     `limits`: (max cells, max YAML nodes), the --max-cells / --max-nodes caps."""
-    from sparselab.matrix import DENSE, MAX_CELLS, MAX_NODES, expand, load_matrix, parse_set
+    from sparselab.matrix import (
+        DENSE,
+        MAX_CELLS,
+        MAX_NODES,
+        expand,
+        load_matrix,
+        parse_set,
+    )
     from sparselab.stages import plan_cell
     from sparselab.validate import check_cells, source_of
     max_cells, max_nodes = limits or (MAX_CELLS, MAX_NODES)

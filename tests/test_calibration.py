@@ -10,12 +10,16 @@ import torch
 from transformers import AutoTokenizer
 
 from sparselab.data.catalog import resolve_data_dir
+from sparselab.data.mixture import apportion
 from sparselab.errors import UserError
 from sparselab.matrix import Calibration
-from sparselab.prune.calibration import (calibration_set, capture_layer_inputs, split_counts,
-                                         walk_layers)
-from sparselab.prune.layers import decoder_layers
+from sparselab.prune.calibration import (
+    calibration_set,
+    capture_layer_inputs,
+    walk_layers,
+)
 from sparselab.registry import DATASETS
+from sparselab.shapes import decoder_layers
 
 torch.set_num_threads(2)
 BUILTIN = resolve_data_dir("builtin")
@@ -129,10 +133,10 @@ def test_mixture_counts_and_components(tokenizer):
     assert torch.equal(made.input_ids, torch.cat([alone_gsm.input_ids, alone_wiki.input_ids]))
 
 
-def test_split_counts_round_and_add_up():
-    assert split_counts(128, {"a": 0.5, "b": 0.5}) == {"a": 64, "b": 64}
-    assert split_counts(10, {"a": 0.75, "b": 0.25}) == {"a": 8, "b": 2}  # 7.5 -> 8, 2.5 -> 2
-    thirds = split_counts(128, {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
+def test_mixture_counts_round_and_add_up():
+    assert apportion(128, {"a": 0.5, "b": 0.5}) == {"a": 64, "b": 64}
+    assert apportion(10, {"a": 0.75, "b": 0.25}) == {"a": 8, "b": 2}  # 7.5 -> 8, 2.5 -> 2
+    thirds = apportion(128, {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
     assert sum(thirds.values()) == 128 and sorted(thirds.values()) == [42, 43, 43]
 
 

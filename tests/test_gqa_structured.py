@@ -18,7 +18,7 @@ from sparselab.prune import layer_importance as li
 from sparselab.prune.base import PruneContext
 from sparselab.prune.gqa_structured.method import (GQAStructuredPruning, allocate, cap_ratios,
                                             raw_ratios, taylor_scores)
-from sparselab.prune.shapes import SHAPES_FILE
+from sparselab.shapes import SHAPES_FILE
 from sparselab.registry import PRUNING
 
 from conftest import REPO, write
@@ -324,26 +324,28 @@ def test_bad_input_is_refused(tiny_model_dir, tmp_path):
     method = GQAStructuredPruning()
     tiny_config = load_model(tiny_model_dir).model.config
 
-    def refused(config, match, model_config=None):
+    def refused(make, match, model_config=None):
+        """`make()` builds the cell: an option error is the schema's, as the matrix is read."""
         with pytest.raises(ValueError, match=match):
+            config = make()
             method.check(config.prune)
             method.check_model(config.prune, model_config or tiny_config)
 
-    refused(cell(0.0), "sparsity is 0")
-    refused(cell(0.25).model_copy(update={"prune": cell(0.25).prune.model_copy(
+    refused(lambda: cell(0.0), "sparsity is 0")
+    refused(lambda: cell(0.25).model_copy(update={"prune": cell(0.25).prune.model_copy(
         update={"pattern": "2:4"})}), "no sparsity pattern")
-    refused(cell(0.25, layer_range=[2, 9]), "outside the model's 4")
-    refused(cell(0.25, layer_range=[3, 1]), "start < end")
-    refused(cell(0.6), "every attention group.*of layer 0")
-    refused(cell(0.6, strategy="inverse"), "at least one attention group")
-    refused(cell(0.25, attention=False, mlp=False), "nothing to prune")
-    refused(cell(0.25, importance="fisher"), "taylor")
-    refused(cell(0.25, layer_importance="missing.json"), "not found")
+    refused(lambda: cell(0.25, layer_range=[2, 9]), "outside the model's 4")
+    refused(lambda: cell(0.25, layer_range=[3, 1]), "start < end")
+    refused(lambda: cell(0.6), "every attention group.*of layer 0")
+    refused(lambda: cell(0.6, strategy="inverse"), "at least one attention group")
+    refused(lambda: cell(0.25, attention=False, mlp=False), "nothing to prune")
+    refused(lambda: cell(0.25, importance="fisher"), "taylor")
+    refused(lambda: cell(0.25, layer_importance="missing.json"), "not found")
     bad = write(tmp_path / "li.json", json.dumps({"importance": [1.0, 2.0, 3.0]}))
-    refused(cell(0.25, layer_importance=str(bad)), "3 layers, the model 4")
+    refused(lambda: cell(0.25, layer_importance=str(bad)), "3 layers, the model 4")
     mha = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2)
-    refused(cell(0.25), "no grouped-query attention", mha)
+    refused(lambda: cell(0.25), "no grouped-query attention", mha)
     # and at prune start, before any work, on the model itself
     loaded = load_model(tiny_model_dir)
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}

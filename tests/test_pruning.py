@@ -12,13 +12,13 @@ from sparselab.data.catalog import resolve_data_dir
 from sparselab.matrix import CellConfig
 from sparselab.prune.base import PruneContext
 from sparselab.prune.calibration import calibration_set
-from sparselab.prune.layers import decoder_layers, layer_index, prunable_linears
-from sparselab.prune.owl import owl_ratios
+from sparselab.prune.layers import layer_index, prunable_linears
 from sparselab.prune.options import TierOptions
-from sparselab.prune.patterns import (Pattern, PatternViolation, tier_counts,
-                                      tiers_mask)
+from sparselab.prune.owl import owl_ratios
+from sparselab.prune.patterns import Pattern, PatternViolation, tier_counts, tiers_mask
 from sparselab.prune.sparsegpt.method import sparsegpt_prune
 from sparselab.registry import PRUNING
+from sparselab.shapes import decoder_layers
 
 torch.set_num_threads(2)
 LOG = logging.getLogger("test")
@@ -411,6 +411,7 @@ def test_verify_catches_violations():
 
 def test_check_model_uses_the_config_before_any_weights(tiny_model_dir, tiny):
     from transformers import AutoConfig
+
     from sparselab.prune.layers import linear_modules, linear_shapes
     model_config = AutoConfig.from_pretrained(tiny_model_dir)
     layer = decoder_layers(tiny.model)[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+from conftest import write
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict, PositiveInt
 
@@ -11,9 +12,12 @@ from sparselab.cli import main
 from sparselab.matrix import CellConfig
 from sparselab.prune.base import PruningMethod
 from sparselab.registry import PRUNING
-from sparselab.stages import StageKind, plan_cell, register_evaluation, unregister_evaluation
-
-from conftest import write
+from sparselab.stages import (
+    StageKind,
+    plan_cell,
+    register_evaluation,
+    unregister_evaluation,
+)
 
 MATRIX = """name: toys
 model: tiny-llama

@@ -32,7 +32,6 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-import math
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,12 +43,14 @@ from torch import nn
 
 from sparselab import progress
 from sparselab.data.catalog import DataSource, TaskDataset, TextCorpus
+from sparselab.data.mixture import apportion
 from sparselab.matrix import Calibration, data_components, describe_data
 from sparselab.prune.base import PruneContext, PruningMethod
-from sparselab.prune.layers import decoder_layers, linear_modules, prunable_linears
+from sparselab.prune.layers import linear_modules, prunable_linears
 from sparselab.prune.options import OwlOptions
 from sparselab.prune.owl import layer_sparsities, outlier_share, validate_ratios
 from sparselab.prune.patterns import Pattern, check_against_model
+from sparselab.shapes import decoder_layers
 
 
 @dataclass
@@ -71,25 +72,13 @@ class CalibrationSet:
         return dict(self.fingerprint.get("splits", {}))
 
 
-def split_counts(samples: int, weights: dict[str, float]) -> dict[str, int]:
-    """round(samples * weight) per source, adjusted by largest remainder to sum to `samples`."""
-    total = sum(weights.values())
-    exact = {name: samples * weight / total for name, weight in weights.items()}
-    counts = {name: math.floor(value) for name, value in exact.items()}
-    short = samples - sum(counts.values())
-    by_remainder = sorted(exact, key=lambda name: (-(exact[name] - counts[name]), name))
-    for name in by_remainder[:short]:
-        counts[name] += 1
-    return counts
-
-
 def calibration_set(tokenizer, calibration: Calibration, source: DataSource,
                     seed: int | None = None) -> CalibrationSet:
     """The calibration samples of a `prune.calibration` config (see the module docstring)."""
     from sparselab.registry import DATASETS
     seed = seed if seed is not None else calibration.seed if calibration.seed is not None else 0
     samples, seqlen = calibration.samples, calibration.seqlen
-    counts = split_counts(samples, data_components(calibration.data))
+    counts = apportion(samples, data_components(calibration.data))
     parts, splits, per_source = [], {}, {}
     for name, count in counts.items():
         dataset = DATASETS.get(name)()
@@ -250,14 +239,22 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> LayerInpu
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: LayerInputs, update: bool) -> None:
-    """Run `layer` on every sample; with `update`, its outputs replace the inputs in place."""
-    for index in range(inputs.hidden.shape[0]):
-        out = layer(inputs.hidden[index:index + 1], **inputs.kwargs)
+def sample_outputs(layer: nn.Module, hidden: torch.Tensor,
+                   kwargs: dict[str, Any]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, output) of `layer` on each sample in turn (batch 1, as the captured kwargs are);
+    one at a time, so a caller may write each output over its input."""
+    for index in range(hidden.shape[0]):
+        out = layer(hidden[index:index + 1], **kwargs)
         if isinstance(out, (tuple, list)):
             out = out[0]
+        yield index, out[0]
+
+
+def run_layer(layer: nn.Module, inputs: LayerInputs, update: bool) -> None:
+    """Run `layer` on every sample; with `update`, its outputs replace the inputs in place."""
+    for index, out in sample_outputs(layer, inputs.hidden, inputs.kwargs):
         if update:
-            inputs.hidden[index] = out[0]
+            inputs.hidden[index] = out
 
 
 @contextmanager

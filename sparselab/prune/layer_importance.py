@@ -29,32 +29,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparselab.prune.calibration import sample_outputs
 from sparselab.prune.gqa_structured.config import LAYER_IMPORTANCE_METRICS as METRICS
-from sparselab.prune.layers import decoder_layers
+from sparselab.shapes import base_model, decoder_layers
 
 STAGE = "layer_importance"
 FILE = "layer_importance.json"
 FORMAT = "sparselab-layer-importance"
 
 
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _run(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    """One decoder layer on every sample (batch 1 each, as the captured kwargs are)."""
+    """One decoder layer on every sample, into a new tensor."""
     out = torch.empty_like(hidden)
-    for index in range(hidden.shape[0]):
-        result = layer(hidden[index:index + 1], **kwargs)
-        if isinstance(result, (tuple, list)):
-            result = result[0]
-        out[index] = result[0]
+    for index, result in sample_outputs(layer, hidden, kwargs):
+        out[index] = result
     return out
 
 
 def _head_nll(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
     """Summed next-token loss of the final norm + LM head on the last hidden states."""
-    base = _base(model)
+    base = base_model(model)
     norm, head = base.model.norm, base.get_output_embeddings()
     total, count = 0.0, 0
     for index in range(hidden.shape[0]):
@@ -120,7 +114,7 @@ def analyse(model: nn.Module, input_ids: torch.Tensor, metric: str) -> dict[str,
     if metric not in METRICS:
         raise ValueError(f"unknown layer-importance metric '{metric}' "
                          f"(valid: {', '.join(METRICS)})")
-    base = _base(model)
+    base = base_model(model)
     use_cache, training = getattr(base.config, "use_cache", None), base.training
     base.config.use_cache = False
     base.eval()

@@ -4,18 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of decoder layers of a Llama-family model (`model.model.layers`); a peft model
-    is looked through to its base model."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no `model.layers` stack; sparselab prunes "
-                         "decoder models of the Llama family.")
-    return layers
+from sparselab.shapes import decoder_layers
 
 
 def layer_index(name: str) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from sparselab.data.catalog import DataSource, TaskDataset, TextCorpus
+from sparselab.data.mixture import apportion
 from sparselab.matrix import DataRef, data_components
 from sparselab.registry import DATASETS
 
@@ -64,7 +65,7 @@ def build_training_set(tokenizer, ref: DataRef, source: DataSource, samples: int
     pool: list[Example] = []
     splits = {}
     components = data_components(ref)
-    counts = _apportion(samples, components)
+    counts = apportion(samples, components)
     for name, count in counts.items():
         dataset = DATASETS.get(name)()
         split = dataset.training_split(source)
@@ -85,15 +86,6 @@ def build_training_set(tokenizer, ref: DataRef, source: DataSource, samples: int
     rng.shuffle(pool)
     held = max(1, min(32, len(pool) // 20))
     return TrainingSet(pool[held:], pool[:held], splits)
-
-
-def _apportion(samples: int, weights: dict[str, float]) -> dict[str, int]:
-    """Integer counts proportional to weights that add up to `samples` (largest remainder)."""
-    raw = {name: samples * w for name, w in weights.items()}
-    counts = {name: int(value) for name, value in raw.items()}
-    for name in sorted(raw, key=lambda n: raw[n] - counts[n], reverse=True)[:samples - sum(counts.values())]:
-        counts[name] += 1
-    return counts
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

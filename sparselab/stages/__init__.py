@@ -18,10 +18,22 @@ from pydantic import BaseModel
 
 from sparselab.cache import StageCache
 from sparselab.data.catalog import DataSource
-from sparselab.matrix import ADDED_EVALUATIONS, Cell, DataRef, config_hash, data_components
+from sparselab.matrix import (
+    ADDED_EVALUATIONS,
+    Cell,
+    DataRef,
+    config_hash,
+    data_components,
+)
 from sparselab.registry import DATASETS
 from sparselab.stages.answer_loss import AnswerLossStage
-from sparselab.stages.base import ModelSection, ModelStageKind, Stage, StageContext, StageKind
+from sparselab.stages.base import (
+    ModelSection,
+    ModelStageKind,
+    Stage,
+    StageContext,
+    StageKind,
+)
 from sparselab.stages.load import LoadStage
 from sparselab.stages.perplexity import PerplexityStage
 from sparselab.stages.prune import PruneStage

@@ -23,7 +23,7 @@ j*g .. j*g+g-1 that read it (g = num_attention_heads / num_key_value_heads, repe
 every layer keeps the model's Q:KV ratio; their q/k/v rows and o_proj columns are sliced out and
 head_dim stays. The MLP loses intermediate channels (gate/up rows with the matching down columns).
 The weights really shrink; the per-layer shapes are saved beside the weights
-(`sparselab_shapes.json`, see `sparselab.prune.shapes`) and `sparselab.load_model` reads them back.
+(`sparselab_shapes.json`, see `sparselab.shapes`) and `sparselab.load_model` reads them back.
 
 **Which groups / channels.** `taylor`: sum over the unit's weights of |w * dL/dw|, with dL/dw the
 LM-loss gradient accumulated over the calibration samples on the dense model (LLM-Pruner's
@@ -58,12 +58,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparselab import shapes as sh
 from sparselab.models import LoadedModel
 from sparselab.prune import layer_importance as li
-from sparselab.prune import shapes as sh
 from sparselab.prune.base import PruneContext, PruningMethod
 from sparselab.prune.gqa_structured.config import GQAOptions
-from sparselab.prune.layers import decoder_layers
+from sparselab.shapes import decoder_layers
 
 
 def raw_ratios(importance: list[float], target: float, strategy: str, layers: list[int],
@@ -166,12 +166,12 @@ class LayerPlan:
 
 def _attention_parts(layer: nn.Module) -> tuple[torch.Tensor, ...]:
     attn = layer.self_attn
-    return tuple(sh._base(getattr(attn, n)).weight for n in sh.ATTENTION)
+    return tuple(sh.base_linear(getattr(attn, n)).weight for n in sh.ATTENTION)
 
 
 def _mlp_parts(layer: nn.Module) -> tuple[torch.Tensor, ...]:
     mlp = layer.mlp
-    return tuple(sh._base(getattr(mlp, n)).weight for n in sh.MLP)
+    return tuple(sh.base_linear(getattr(mlp, n)).weight for n in sh.MLP)
 
 
 def group_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, hd: int,
@@ -268,7 +268,7 @@ def prunable_params(layer: nn.Module, attention: bool, mlp: bool) -> int:
     """Parameters of the enabled components' projections of one layer."""
     names = [("self_attn", n) for n in sh.ATTENTION if attention] + \
             [("mlp", n) for n in sh.MLP if mlp]
-    return _params(sh._base(getattr(getattr(layer, part), n)) for part, n in names)
+    return _params(sh.base_linear(getattr(getattr(layer, part), n)) for part, n in names)
 
 
 @dataclass

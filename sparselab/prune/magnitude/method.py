@@ -19,10 +19,11 @@ import torch
 
 from sparselab.models import LoadedModel
 from sparselab.prune.base import PruneContext, PruningMethod
-from sparselab.prune.layers import decoder_layers, layer_index, prunable_linears
-from sparselab.prune.owl import layer_sparsities
+from sparselab.prune.layers import layer_index, prunable_linears
 from sparselab.prune.magnitude.config import MagnitudeOptions
+from sparselab.prune.owl import layer_sparsities
 from sparselab.prune.patterns import Pattern, check_against_model
+from sparselab.shapes import decoder_layers
 
 
 class MagnitudePruning(PruningMethod):

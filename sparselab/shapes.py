@@ -32,14 +32,26 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-def _layers(model: nn.Module) -> nn.ModuleList:
-    from sparselab.prune.layers import decoder_layers
-    return decoder_layers(model)
-
-
-def _base(module: nn.Module) -> nn.Module:
+def base_linear(module: nn.Module) -> nn.Module:
     """The plain nn.Linear inside a peft LoRA wrapper (or the module itself)."""
     return getattr(module, "base_layer", module)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder layers of a Llama-family model (`model.model.layers`); a peft model
+    is looked through to its base model."""
+    model = base_model(model)
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no `model.layers` stack; sparselab prunes "
+                         "decoder models of the Llama family.")
+    return layers
 
 
 def head_dim(model_or_config) -> int:
@@ -50,13 +62,13 @@ def head_dim(model_or_config) -> int:
 
 def has_gqa_modules(layer: nn.Module) -> bool:
     attn = getattr(layer, "self_attn", None)
-    return attn is not None and all(isinstance(_base(getattr(attn, n, None) or nn.Identity()),
+    return attn is not None and all(isinstance(base_linear(getattr(attn, n, None) or nn.Identity()),
                                                nn.Linear) for n in ATTENTION)
 
 
 def has_gated_mlp(layer: nn.Module) -> bool:
     mlp = getattr(layer, "mlp", None)
-    return mlp is not None and all(isinstance(_base(getattr(mlp, n, None) or nn.Identity()),
+    return mlp is not None and all(isinstance(base_linear(getattr(mlp, n, None) or nn.Identity()),
                                               nn.Linear) for n in MLP)
 
 
@@ -65,16 +77,16 @@ def layer_shape(layer: nn.Module, hd: int) -> dict[str, int]:
     out: dict[str, int] = {}
     if has_gqa_modules(layer):
         attn = layer.self_attn
-        out["num_attention_heads"] = _base(attn.q_proj).out_features // hd
-        out["num_key_value_heads"] = _base(attn.k_proj).out_features // hd
+        out["num_attention_heads"] = base_linear(attn.q_proj).out_features // hd
+        out["num_key_value_heads"] = base_linear(attn.k_proj).out_features // hd
     if has_gated_mlp(layer):
-        out["intermediate_size"] = _base(layer.mlp.up_proj).out_features
+        out["intermediate_size"] = base_linear(layer.mlp.up_proj).out_features
     return out
 
 
 def layer_shapes(model: nn.Module) -> list[dict[str, int]]:
     hd = head_dim(model)
-    return [layer_shape(layer, hd) for layer in _layers(model)]
+    return [layer_shape(layer, hd) for layer in decoder_layers(model)]
 
 
 def config_shape(config) -> dict[str, int]:
@@ -86,7 +98,7 @@ def config_shape(config) -> dict[str, int]:
 
 def is_reshaped(model: nn.Module) -> bool:
     """True when some decoder layer's shape differs from what the config says."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     try:
         uniform = config_shape(base.config)
         shapes = layer_shapes(base)
@@ -169,7 +181,7 @@ def _empty_linear(like: nn.Linear, in_features: int, out_features: int) -> nn.Li
 def apply_shapes(model: nn.Module, shapes: list[dict[str, int]], hd: int) -> None:
     """Give each decoder layer of a freshly built model the recorded shape (uninitialised weights,
     to be overwritten by the saved ones)."""
-    layers = _layers(model)
+    layers = decoder_layers(model)
     if len(shapes) != len(layers):
         raise ValueError(f"the shape file lists {len(shapes)} layers, the model has {len(layers)}")
     for layer, shape in zip(layers, shapes):
@@ -198,7 +210,7 @@ def save_shapes(model: nn.Module, folder: Path) -> bool:
     (remove a stale one otherwise). Returns whether a file was written."""
     folder = Path(folder)
     file = folder / SHAPES_FILE
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if not is_reshaped(base):
         if file.is_file():
             file.unlink()
