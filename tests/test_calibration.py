@@ -13,11 +13,8 @@ from sparselab.data.catalog import resolve_data_dir
 from sparselab.data.mixture import apportion
 from sparselab.errors import UserError
 from sparselab.matrix import Calibration
-from sparselab.prune.calibration import (
-    calibration_set,
-    capture_layer_inputs,
-    walk_layers,
-)
+from sparselab.prune.calibration import calibration_set
+from sparselab.prune.walk import capture_layer_inputs, walk_layers
 from sparselab.registry import DATASETS
 from sparselab.shapes import decoder_layers
 

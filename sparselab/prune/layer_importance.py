@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparselab.prune.calibration import sample_outputs
 from sparselab.prune.gqa_structured.config import LAYER_IMPORTANCE_METRICS as METRICS
+from sparselab.prune.walk import capture_layer_inputs, sample_outputs
 from sparselab.shapes import base_model, decoder_layers
 
 STAGE = "layer_importance"
@@ -63,7 +63,6 @@ def _head_nll(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -
 def boundary_states(model: nn.Module, input_ids: torch.Tensor
                     ) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """Hidden states at every layer boundary: [input of layer 0, output of layer 0, ...]."""
-    from sparselab.prune.calibration import capture_layer_inputs
     layers = decoder_layers(model)
     inputs = capture_layer_inputs(model, input_ids)
     states = [inputs.hidden]
@@ -95,7 +94,6 @@ def removal_importance(model: nn.Module, input_ids: torch.Tensor) -> dict[str, A
 
 @torch.no_grad()
 def cosine_importance(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
-    from sparselab.prune.calibration import capture_layer_inputs
     layers = decoder_layers(model)
     inputs = capture_layer_inputs(model, input_ids)
     hidden, values = inputs.hidden, []

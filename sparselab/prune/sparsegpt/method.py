@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparselab.prune.calibration import LayerwisePruning
+from sparselab.prune.layerwise import LayerwisePruning
 from sparselab.prune.patterns import Pattern, nm_mask, unstructured_mask
 from sparselab.prune.sparsegpt.config import SparseGPTOptions
 

@@ -33,7 +33,7 @@ import logging
 import torch
 from torch import nn
 
-from sparselab.prune.calibration import InputNorms, LayerwisePruning
+from sparselab.prune.layerwise import InputNorms, LayerwisePruning
 from sparselab.prune.patterns import Pattern
 from sparselab.prune.wanda.config import WandaOptions
 
