@@ -2,8 +2,6 @@
 (sparselab.evaluate.harness)."""
 from __future__ import annotations
 
-from typing import Any
-
 from sparselab.matrix import CellConfig, TaskSettings
 from sparselab.stages.base import StageContext, StageKind
 
@@ -18,9 +16,6 @@ class TasksStage(StageKind):
             return None
         return TaskSettings.model_validate(
             {name: getattr(cell.evaluate, name) for name in TaskSettings.model_fields})
-
-    def key_config(self, section: TaskSettings) -> dict[str, Any]:
-        return section.model_dump(mode="json")
 
     def label(self, section: TaskSettings) -> str:
         return f"tasks {','.join(section.tasks)} limit={section.limit}"
