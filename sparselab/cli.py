@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from sparselab.errors import UserError, unknown_name
+from sparselab.errors import Interrupted, UserError, unknown_name
 from sparselab.study import prepare_plans
 
 console = Console()
@@ -353,8 +353,8 @@ def ui(matrix, port: int) -> None:
                                "--host", "127.0.0.1", "--port", str(port)],
                               start_new_session=True)
 
-    def stop(*_):
-        raise KeyboardInterrupt
+    def stop(signum, _frame):
+        raise Interrupted(f"signal {signum}")
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

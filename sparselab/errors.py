@@ -29,6 +29,17 @@ class UserError(Exception):
         return prefix + self.message
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop asked for by a signal (SIGTERM from a scheduler or `kill`, SIGINT), raised by
+    sparselab's own handlers and caught wherever Ctrl-C is (it is a KeyboardInterrupt).
+
+    Why a subclass: under `python -m sparselab`, CPython remembers a plain KeyboardInterrupt
+    that passed through any exec() or eval() of a string (dataclass and namedtuple creation do
+    that during imports) and then kills the process with SIGINT at exit, overriding the
+    `sys.exit(130)` that follows the clean-up. The interpreter checks for exactly
+    KeyboardInterrupt, so a subclass keeps the exit code the command chose."""
+
+
 def did_you_mean(name: str, valid: Iterable[str]) -> str:
     """' Did you mean 'x'?' when a close valid name exists, else ''."""
     close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.6)

@@ -26,7 +26,7 @@ from typing import Any
 
 from sparselab import progress
 from sparselab.cache import StageCache
-from sparselab.errors import UserError
+from sparselab.errors import Interrupted, UserError
 from sparselab.runner import (LOG_FORMAT, CellOutcome, CellRun, StageRunner, placement,
                               third_party_output)
 from sparselab.stages import CellPlan, Stage
@@ -45,7 +45,7 @@ def interrupt_on_signals() -> Iterator[None]:
     are marked KILLED and no partial stage is cached. Ray installs its own SIGTERM handler (a bare
     exit) when it connects, so the Ray executor enters this after connecting."""
     def interrupt(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Interrupted(f"signal {signum}")
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield

@@ -288,6 +288,23 @@ def test_sigterm_marks_run_killed_and_leaves_no_partial_entry(workspace):
     assert not any((workspace / "home" / "tmp").iterdir())
 
 
+def test_a_signal_inside_exec_keeps_the_exit_code(tmp_path):
+    """The stop a signal raises keeps `sys.exit(130)` even when it lands inside an exec() of a
+    string (dataclass creation during a lazy import): a plain KeyboardInterrupt there makes
+    `python -m` kill itself with SIGINT at exit (-2), which the SIGTERM test above hit by chance."""
+    import subprocess
+    import sys
+    write(tmp_path / "stopper.py", "import os, signal, sys\n"
+          "from sparselab.executors import interrupt_on_signals\n"
+          "with interrupt_on_signals():\n"
+          "    try:\n"
+          "        exec('os.kill(os.getpid(), signal.SIGTERM)\\nwhile True: pass')\n"
+          "    except KeyboardInterrupt:\n"
+          "        sys.exit(130)\n")
+    done = subprocess.run([sys.executable, "-m", "stopper"], cwd=tmp_path, timeout=120)
+    assert done.returncode == 130
+
+
 @pytest.mark.parametrize("verbose", [False, True])
 def test_third_party_output_goes_to_the_cell_log(workspace, monkeypatch, verbose):
     """A library's prints, warnings and progress bars land in the cell's log, not on the
