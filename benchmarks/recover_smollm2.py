@@ -151,7 +151,7 @@ def trainer_loop(loaded, cell, source):
 
     from sparselab.recover.lora import resolve_targets
     from sparselab.recover.prompts import build_training_set, collate
-    from sparselab.recover.training import PeakMemory
+    from sparselab.memory import PeakMemory
     cfg = cell.recover
     data = build_training_set(loaded.tokenizer, cfg.data, source, cfg.train.samples,
                               cfg.train.seqlen, cfg.train.seed)

@@ -56,6 +56,11 @@ class Entry:
         return json.loads(file.read_text()) if file.is_file() else {}
 
     @property
+    def tags(self) -> dict[str, str]:
+        file = self.path / "tags.json"
+        return json.loads(file.read_text()) if file.is_file() else {}
+
+    @property
     def artifacts(self) -> Path:
         return self.path / "artifacts"
 

@@ -297,9 +297,29 @@ class TaskSettings(Strict):
         return tasks
 
 
-# Evaluation stages added with `sparselab.stages.register_evaluation`: name -> the type of the
-# section a matrix sets as `evaluate.<name>` (absent or null: the stage does not run)
-ADDED_EVALUATIONS: dict[str, type[BaseModel]] = {}
+class Speed(Strict):
+    """`evaluate.speed`: what the model costs at inference, on the dense kernel and on the sparse
+    kernel its zeros fit (sparselab.evaluate.speed says which).
+
+    ```yaml
+    evaluate:
+      speed: {prompt_lengths: [128, 512], batch_sizes: [1, 8], new_tokens: 32, threads: 2}
+    ```
+    """
+    prompt_lengths: list[PositiveInt] = Field(default=[128, 512], min_length=1)  # prefill, batch 1
+    batch_sizes: list[PositiveInt] = Field(default=[1, 8], min_length=1)  # decode throughput
+    decode_prompt: PositiveInt = 64  # prompt tokens before the timed decode steps
+    new_tokens: PositiveInt = 32  # decode steps timed per call
+    warmup: NonNegativeInt = 2  # untimed calls first
+    repeats: PositiveInt = 5  # timed calls: the median and the interquartile range are logged
+    threads: PositiveInt | None = None  # torch's threads; None: every core this process may use
+
+
+# Evaluation stages that came after the schema's first ones: name -> the type of the section a
+# matrix sets as `evaluate.<name>` (absent or null: the stage does not run). An unset section
+# is left out of a cell's config, so adding one leaves every existing cell's hash as it was.
+# `speed` is built in; `sparselab.stages.register_evaluation` adds more.
+ADDED_EVALUATIONS: dict[str, type[BaseModel]] = {"speed": Speed}
 
 
 class Evaluate(TaskSettings):

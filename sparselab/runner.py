@@ -77,7 +77,7 @@ class StageRunner:
         parent = stage.parent
         folder = None if parent is None or parent.external else \
             self.cache.root / "stages" / parent.kind.name / parent.key
-        return StageContext(plan.source, out, plan.models, parent, folder)
+        return StageContext(plan.source, out, plan.models, parent, folder, stage.config)
 
     def model(self, stage: Stage, plan: CellPlan) -> LoadedModel:
         """The model a stage produced, from memory, from the cache, or computed now."""
@@ -211,7 +211,9 @@ class CellRun:
                 self.tracker.log_artifacts(run_id, entry.artifacts, f"stages/{role}")
             self.tracker.set_tags(run_id, {
                 **{f"sparselab.stage.{role}.cache": "hit" if hit else "miss"
-                   for role, hit in hits.items()}, **(tags or {})})
+                   for role, hit in hits.items()},
+                **{k: v for entry in entries.values() for k, v in entry.tags.items()},
+                **(tags or {})})
             metrics = cell_metrics(self.plan, entries)
             values, stderr_tags = split_stderr(metrics)
             self.tracker.log_metrics(run_id, values)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import random
-import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -21,6 +19,7 @@ import torch
 from transformers import get_scheduler
 
 from sparselab import progress
+from sparselab.memory import PeakMemory
 from sparselab.matrix import Train
 from sparselab.plots import plot_series
 from sparselab.recover.base import RecoverContext
@@ -29,42 +28,6 @@ from sparselab.recover.prompts import Example, TrainingSet, build_training_set, 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf."""
-
-
-class PeakMemory:
-    """Peak memory while training: GPU memory allocated on CUDA, else the process's resident set
-    (sampled every 50 ms from /proc, so it covers the model, activations and optimizer state)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> PeakMemory:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            self.peak_bytes = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-
-    def _sample(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
-        while True:
-            try:
-                with open("/proc/self/statm") as statm:
-                    self.peak_bytes = max(self.peak_bytes, int(statm.read().split()[1]) * page)
-            except OSError:  # not Linux: no sampling, the metric stays 0
-                return
-            if self._stop.wait(0.05):
-                return
 
 
 def autocast(precision: str):

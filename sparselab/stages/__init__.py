@@ -38,6 +38,7 @@ from sparselab.stages.load import LoadStage
 from sparselab.stages.perplexity import PerplexityStage
 from sparselab.stages.prune import PruneStage
 from sparselab.stages.recover import RecoverStage
+from sparselab.stages.speed import SpeedStage
 from sparselab.stages.tasks import TasksStage
 
 __all__ = ["CellPlan", "ModelSection", "ModelStageKind", "Stage", "StageContext", "StageKind",
@@ -46,8 +47,8 @@ __all__ = ["CellPlan", "ModelSection", "ModelStageKind", "Stage", "StageContext"
 LOAD, PRUNE, RECOVER = LoadStage(), PruneStage(), RecoverStage()
 MODEL_CHAIN: tuple[ModelStageKind, ...] = (LOAD, PRUNE, RECOVER)
 PERPLEXITY = PerplexityStage()
-_EVALUATIONS: dict[str, StageKind] = {kind.name: kind for kind in
-                                      (PERPLEXITY, AnswerLossStage(), TasksStage())}
+_EVALUATIONS: dict[str, StageKind] = {
+    kind.name: kind for kind in (PERPLEXITY, AnswerLossStage(), TasksStage(), SpeedStage())}
 PRUNED_ROLE = "perplexity_pruned"  # the pruned model's perplexity, before any recovery
 
 

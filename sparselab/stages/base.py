@@ -43,6 +43,7 @@ class StageContext:
     models: ModelSection
     parent: Stage | None = None
     parent_folder: Path | None = None  # the parent's cache entry, where it has one
+    keyed: dict[str, Any] | None = None  # the stage's key_config, as its key hashed it
 
     @property
     def artifacts(self) -> Path:
@@ -50,6 +51,10 @@ class StageContext:
 
     def write_metrics(self, metrics: dict[str, float]) -> None:
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    def write_tags(self, tags: dict[str, str]) -> None:
+        """Facts that are words, not numbers (which kernel ran, on what): tags of the cell's run."""
+        (self.out / "tags.json").write_text(json.dumps(tags, indent=2))
 
 
 class StageKind(abc.ABC):
