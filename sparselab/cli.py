@@ -558,7 +558,8 @@ def _pairs(items, option: str) -> dict[str, str]:
               default="table", show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), help="Write to this file.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
-              help="Also draw grouped bars with error bars into this PNG.")
+              help="Also draw grouped bars with error bars into this PNG (and, when the report has "
+                   "speed metrics, accuracy against speed-up into <name>_pareto.png).")
 @click.option("--where", multiple=True, metavar="KEY=VALUE", help="Keep cells whose config matches.")
 @click.option("--metrics", help="Comma-separated metric columns (default: the matrix's report.metrics).")
 @click.option("--pivot", "pivot_spec", help="rows=KEY cols=KEY value=METRIC (space-separated).")
@@ -645,14 +646,20 @@ def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, whe
         click.echo(text, nl=False)
     else:
         console.print(rep.to_rich(result))
+    plots = []
     if plot_file:
         rep.plot(result, Path(plot_file))
-        console.print(f"wrote {plot_file}")
-    _log_report(client, experiment, parent_run, result, plot_file)
+        plots.append(Path(plot_file))
+        pareto = Path(plot_file).with_name(Path(plot_file).stem + "_pareto.png")
+        if rep.plot_pareto(result, pareto):  # speed metrics in the report: accuracy vs speed
+            plots.append(pareto)
+        console.print("wrote " + ", ".join(map(str, plots)))
+    _log_report(client, experiment, parent_run, result, plots)
 
 
-def _log_report(client, experiment: str, parent_run: str | None, result, plot_file) -> None:
-    """The Markdown (and plot) also go on the parent run they describe."""
+def _log_report(client, experiment: str, parent_run: str | None, result,
+                plots: list[Path]) -> None:
+    """The Markdown (and plots) also go on the parent run they describe."""
     import tempfile
 
     from sparselab import report as rep
@@ -668,5 +675,5 @@ def _log_report(client, experiment: str, parent_run: str | None, result, plot_fi
         file = Path(tmp) / "report.md"
         file.write_text(rep.to_markdown(result))
         client.log_artifact(parent_run, str(file), "report")
-        if plot_file:
+        for plot_file in plots:
             client.log_artifact(parent_run, str(plot_file), "report")

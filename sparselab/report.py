@@ -40,8 +40,19 @@ EVALUATION_ROLES = ("perplexity_pruned", "perplexity", "answer_loss", "tasks")
 
 # Which way is better, by metric name: -1 lower, +1 higher (lm-eval's higher_is_better for our
 # tasks' metrics; losses, perplexity, time and memory are lower-is-better).
-LOWER_IS_BETTER = re.compile(r"(\.ppl(_pruned)?|_nll|^time\..*|_mb)$")
-HIGHER_IS_BETTER = re.compile(r"\.(acc\w*|exact\w*|f1|\w+_f1|\w+_exact|best_\w+|mcc)$")
+LOWER_IS_BETTER = re.compile(r"(\.ppl(_pruned)?|_nll|^time\..*|_mb|\.prefill_ms_\d+)$")
+HIGHER_IS_BETTER = re.compile(r"(\.(acc\w*|exact\w*|f1|\w+_f1|\w+_exact|best_\w+|mcc)"
+                              r"|\.decode_tok_s_b\d+)$")
+# Latency and throughput: their change also reads as a speed-up (x baseline time / cell's time).
+SPEED = re.compile(r"^speed\.(\w+\.)?(prefill_ms_\d+|decode_tok_s_b\d+)$")
+
+
+def speedup(metric: str, value: float, base: float) -> float | None:
+    """How many times faster than the baseline a latency or throughput metric says the cell
+    is (>1 faster); None for other metrics."""
+    if not SPEED.match(metric) or not value or not base:
+        return None
+    return base / value if orientation(metric) < 0 else value / base
 
 
 def orientation(metric: str) -> int:
@@ -71,6 +82,8 @@ def evaluation_keys(metric: str) -> tuple[str, ...]:
         return ("evaluate.answer_loss.",)
     if ".ppl" in metric:
         return ("evaluate.perplexity.",)
+    if metric.startswith("speed."):  # timings hold for one machine and one way of timing
+        return ("evaluate.speed.", "tag:sparselab.speed.hardware")
     if metric.split(".")[0] in TASKS:
         return ("evaluate.tasks", "evaluate.limit", "evaluate.sample", "evaluate.num_fewshot",
                 "evaluate.gen_kwargs", "evaluate.seed", "tag:sparselab.version.lm_eval")
@@ -127,6 +140,7 @@ class Change:
     comparison: Comparison | None = None  # None: compared as it is (no noise estimate)
     margin: float | None = None
     p_adjusted: float | None = None
+    speedup: float | None = None  # latency and throughput: times faster than the baseline
 
     @property
     def p_value(self) -> float | None:
@@ -258,12 +272,12 @@ def compare(row: Row, base: Row, metric: str, spec: ReportSpec | None = None
         if se is None and se_ref is None:  # a quantity without sampling noise
             delta = value - ref
             return Change(delta, "same" if delta == 0 else ("up" if delta > 0 else "down"),
-                          margin=margin)
+                          margin=margin, speedup=speedup(metric, value, ref))
         comparison = unpaired(value, se, ref, se_ref, alpha=spec.alpha)
         if comparison is None:
             return Refusal("a standard error is zero or missing, and there are no per-example "
                            "scores to pair")
-    change = Change(value - ref, "", comparison, margin)
+    change = Change(value - ref, "", comparison, margin, speedup=speedup(metric, value, ref))
     change.direction = judge(change, comparison.p_value, spec.alpha)
     return change
 
@@ -508,6 +522,8 @@ def change_text(metric: str, change: Change | Refusal | None, with_p: bool = Tru
         return "not comparable", ""
     tone = quality(metric, change.direction)
     text = f"{change.delta:+.4g} {ARROWS[change.direction]}"
+    if change.speedup is not None:
+        text += f" ×{change.speedup:.2f}"
     if tone:
         text += " " + tone
     if with_p and change.comparison is not None:
@@ -752,3 +768,57 @@ def plot(report: Report, file: Path) -> None:
     fig.tight_layout()
     fig.savefig(file, dpi=110)
     plt.close(fig)
+
+
+def pareto_axes(report: Report) -> tuple[str, str] | None:
+    """The speed metric and the quality metric an accuracy-versus-speed plot sets against each
+    other: the report's first latency or throughput metric and its first other metric that has
+    a better side; None when the report lacks either."""
+    speed = next((m for m in report.metrics if SPEED.match(m)), None)
+    other = next((m for m in report.metrics if not m.startswith("speed.") and orientation(m)),
+                 None)
+    return (speed, other) if speed and other else None
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The cells no other cell beats on both axes (each oriented so higher is better), in order
+    of the first axis."""
+    front = [name for name, (x, y) in points.items()
+             if not any(ox >= x and oy >= y and (ox > x or oy > y)
+                        for other, (ox, oy) in points.items() if other != name)]
+    return sorted(front, key=lambda name: points[name][0])
+
+
+def plot_pareto(report: Report, file: Path) -> bool:
+    """Accuracy against speed-up over the baseline, one point per cell, the Pareto front drawn
+    through the cells nothing beats on both. False (nothing drawn) without the two metrics."""
+    from sparselab.plots import plt
+    axes = pareto_axes(report)
+    base = report.base_row
+    if axes is None or base is None or base.value(axes[0]) is None:
+        return False
+    speed, other = axes
+    points = {r.cell: (speedup(speed, r.value(speed), base.value(speed)), r.value(other))
+              for r in report.rows if r.status == "FINISHED"
+              and r.value(speed) is not None and r.value(other) is not None}
+    sign = orientation(other)
+    front = pareto_front({name: (x, sign * y) for name, (x, y) in points.items()})
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, (x, y) in points.items():
+        ax.scatter(x, y, color="#999999" if is_dense_reference(name) else "#4c72b0", zorder=3)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.plot([points[n][0] for n in front], [points[n][1] for n in front], "--", color="#c44e52",
+            zorder=2, label="Pareto front")
+    ax.axvline(1.0, color="#cccccc", linewidth=0.8, zorder=1)
+    values = [y for _, y in points.values()]
+    if min(values) > 0 and max(values) / min(values) > 100:  # a broken cell next to good ones
+        ax.set_yscale("log")
+    ax.set_xlabel(f"speed-up over {base.cell} ({speed}, x)")
+    ax.set_ylabel(other + (" (lower is better)" if sign < 0 else " (higher is better)"))
+    ax.set_title(f"{report.title}: accuracy against speed", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+    return True
+

@@ -506,3 +506,38 @@ def test_settings_a_cell_does_not_have_make_no_column():
     assert differing_keys(rows) == ["prune.sparsity", "recover.method"]
     rows.append(Row("d", "FINISHED", "4", {**lora, "recover.lora.r": "16"}))
     assert differing_keys(rows) == ["prune.sparsity", "recover.lora.r", "recover.method"]
+
+
+def test_speed_metrics_read_as_speedups_and_draw_a_pareto_front(workspace):
+    """Latency and throughput changes also read as '×' faster than the baseline; a report with a
+    speed metric and a quality metric draws accuracy against speed-up with its Pareto front."""
+    import struct
+
+    from sparselab.report import (Row, build, change_text, orientation, pareto_front,
+                                  plot_pareto, speedup)
+    assert orientation("speed.prefill_ms_512") == -1
+    assert orientation("speed.csr.decode_tok_s_b8") == 1
+    assert speedup("speed.prefill_ms_512", 50.0, 100.0) == 2.0  # half the latency: x2
+    assert speedup("speed.decode_tok_s_b1", 50.0, 100.0) == 0.5  # half the throughput: x0.5
+    assert speedup("speed.weights_mb", 1.0, 2.0) is None and speedup("wikitext2.ppl", 1, 2) is None
+    cells = {"dense": (100.0, 30.0), "fast_bad": (50.0, 60.0), "slow_bad": (150.0, 45.0),
+             "fast_good": (80.0, 35.0)}
+    hardware = {"sparselab.speed.hardware": "cpu: x"}
+    rows = [Row(name, "FINISHED", name, {"x": name},
+                {"speed.prefill_ms_512": ms, "speed.prefill_ms_512_stderr": 1.0,
+                 "wikitext2.ppl": ppl}, dict(hardware)) for name, (ms, ppl) in cells.items()]
+    report = build(rows, "speedy", ["speed.prefill_ms_512", "wikitext2.ppl"], "dense")
+    change = report.change(report.row("fast_bad"), "speed.prefill_ms_512")
+    assert change.speedup == 2.0 and change.direction == "down"
+    assert "×2.00" in change_text("speed.prefill_ms_512", change)[0]
+    # measured on other hardware: not compared
+    report.row("slow_bad").tags["sparselab.speed.hardware"] = "cpu: y"
+    assert "not comparable" in change_text(
+        "speed.prefill_ms_512", report.change(report.row("slow_bad"), "speed.prefill_ms_512"))[0]
+    # speed-up and (negated, so higher is better) perplexity: slow_bad is beaten on both
+    points = {name: (100.0 / ms, -ppl) for name, (ms, ppl) in cells.items()}
+    assert pareto_front(points) == ["dense", "fast_good", "fast_bad"]
+    file = workspace / "pareto.png"
+    assert plot_pareto(report, file)
+    assert struct.unpack(">II", file.read_bytes()[16:24]) == (660, 495)
+    assert not plot_pareto(build(rows, "t", ["wikitext2.ppl"], "dense"), workspace / "no.png")

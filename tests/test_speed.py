@@ -160,6 +160,18 @@ def test_speed_stage_runs_in_a_matrix_and_is_cached(workspace):
     rerun = CliRunner().invoke(main, ["run", str(path), "--rerun"])
     assert rerun.exit_code == 0, rerun.output
     assert len(list((workspace / "home" / "stages" / "speed").iterdir())) == 4
+    # the report: speed-ups against the dense reference, and accuracy against speed on the
+    # parent run
+    report = CliRunner().invoke(main, [
+        "report", str(path), "--format", "md", "--baseline", "dense", "--metrics",
+        "speed.decode_tok_s_b1,wikitext2.ppl", "--plot", str(workspace / "speedy.png")])
+    assert report.exit_code == 0, report.output
+    assert "×" in report.output
+    assert (workspace / "speedy_pareto.png").is_file()
+    parent = client.search_runs([experiment.experiment_id], "tags.`sparselab.invocation` != ''",
+                                order_by=["attributes.start_time DESC"])[0]
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/speedy_pareto.png" in logged
 
 
 def test_a_speed_entry_is_not_computed_for_other_hardware(workspace, monkeypatch):

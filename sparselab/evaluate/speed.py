@@ -25,6 +25,7 @@ whose outputs differ beyond the dtype's tolerance is reported as wrong, not as f
 from __future__ import annotations
 
 import inspect
+import math
 import platform
 import statistics
 import time
@@ -208,6 +209,15 @@ def spread(values: list[float]) -> float:
     return q[2] - q[0]
 
 
+def summary(name: str, values: list[float]) -> dict[str, float]:
+    """The median of repeated timings, their interquartile range, and the median's standard
+    error from it (normal approximation: 1.2533 x (IQR / 1.349) / sqrt(n)), which the report's
+    unpaired test uses to tell a speed-up from timing noise."""
+    iqr = spread(values)
+    return {name: statistics.median(values), f"{name}_iqr": iqr,
+            f"{name}_stderr": 1.2533 * iqr / 1.349 / math.sqrt(len(values))}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -281,24 +291,21 @@ class SpeedSettings:
 
 
 def measure(model: nn.Module, settings: SpeedSettings, vocab: int) -> dict[str, float]:
-    """Every number of one kernel: `prefill_ms_<L>`, `decode_tok_s_b<B>` (each with `_iqr`),
-    `peak_mb` and `weights_mb`."""
+    """Every number of one kernel: `prefill_ms_<L>`, `decode_tok_s_b<B>` (each with `_iqr`
+    and `_stderr`), `peak_mb` and `weights_mb`."""
     device = next(model.parameters()).device
     metrics = {"weights_mb": weight_bytes(model) / 2**20}
     with PeakMemory(device) as memory:
         for length in settings.prompt_lengths:
             ids = random_tokens(vocab, 1, length, device, settings.seed)
-            ms = [1e3 * s for s in timed(lambda: prefill(model, ids), device,
-                                         settings.warmup, settings.repeats)]
-            metrics[f"prefill_ms_{length}"] = statistics.median(ms)
-            metrics[f"prefill_ms_{length}_iqr"] = spread(ms)
+            metrics.update(summary(f"prefill_ms_{length}", [1e3 * s for s in timed(
+                lambda: prefill(model, ids), device, settings.warmup, settings.repeats)]))
         for batch in settings.batch_sizes:
             ids = random_tokens(vocab, batch, settings.decode_prompt, device, settings.seed)
-            rates = [batch * settings.new_tokens / s for s in timed(
-                lambda: decode(model, ids, settings.new_tokens), device, settings.warmup,
-                settings.repeats)]
-            metrics[f"decode_tok_s_b{batch}"] = statistics.median(rates)
-            metrics[f"decode_tok_s_b{batch}_iqr"] = spread(rates)
+            metrics.update(summary(f"decode_tok_s_b{batch}", [
+                batch * settings.new_tokens / s for s in timed(
+                    lambda: decode(model, ids, settings.new_tokens), device, settings.warmup,
+                    settings.repeats)]))
     metrics["peak_mb"] = memory.peak_bytes / 2**20
     return metrics
 
