@@ -63,10 +63,12 @@ def main() -> int:
     device = torch.device("cuda")
     settings = SpeedSettings(prompt_lengths=(512, 2048), batch_sizes=(1, 16), decode_prompt=128,
                              new_tokens=64, warmup=3, repeats=args.repeats)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [f"# Sparse kernels on {torch.cuda.get_device_name(device)}", "",
-             f"`python3 benchmarks/gpu_check.py` at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+             f"`python3 benchmarks/gpu_check.py` at {when}; "
              f"torch {torch.__version__}, bfloat16, random weights, {settings}", "",
-             "| model | pattern | kernel | decode tok/s b1 (dense → kernel) | b16 | prefill ms 2048 "
+             "| model | pattern | kernel | decode tok/s b1 (dense → kernel) | b16 "
+             "| prefill ms 2048 "
              "| weights MB | max abs diff | note |", "|---|---|---|---|---|---|---|---|---|"]
     for name, (hidden, inter, heads, kv, layers, vocab) in SHAPES.items():
         config = LlamaConfig(hidden_size=hidden, intermediate_size=inter,
@@ -85,7 +87,8 @@ def main() -> int:
                 f"{m[own + 'decode_tok_s_b1']:.0f} | {m['speed.dense.decode_tok_s_b16']:.0f} → "
                 f"{m[own + 'decode_tok_s_b16']:.0f} | {m['speed.dense.prefill_ms_2048']:.2f} → "
                 f"{m[own + 'prefill_ms_2048']:.2f} | {m['speed.dense.weights_mb']:.0f} → "
-                f"{m[own + 'weights_mb']:.0f} | {m.get(f'speed.{k}.max_abs_diff', float('nan')):.3g} "
+                f"{m[own + 'weights_mb']:.0f} | "
+                f"{m.get(f'speed.{k}.max_abs_diff', float('nan')):.3g} "
                 f"| {'; '.join(f'{a}: {b}' for a, b in result.notes.items())} |")
             print(lines[-1], flush=True)
             del model

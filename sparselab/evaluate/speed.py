@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -315,20 +314,6 @@ class SpeedResult:
     metrics: dict[str, float]
     kernel: str  # the cell's kernel: a sparse kernel's name, or "none"
     notes: dict[str, str]  # kernel name -> what ran it, or why it was not used
-
-
-def device_label(device: torch.device) -> str:
-    """The hardware the numbers belong to (part of the stage key: other hardware re-measures)."""
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"cpu: {cpu}"
 
 
 def speed(model: nn.Module, settings: SpeedSettings, vocab: int) -> SpeedResult:
