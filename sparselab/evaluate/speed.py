@@ -329,11 +329,10 @@ def speed(model: nn.Module, settings: SpeedSettings, vocab: int) -> SpeedResult:
     metrics = {f"speed.dense.{k}": v for k, v in dense.items()}
     metrics.update({"speed.zeros": found.zeros, "speed.block_zero_tiles": found.block_zero_tiles})
     notes = {"dense": dense_kernel_about(device)}
-    own, chosen = dense, "none"
     kernel, why_not = kernel_for(found, device, dtype)
     if kernel is None:
         notes["none"] = why_not
-        return SpeedResult(_with_own(metrics, own), chosen, notes)
+        return SpeedResult(_with_own(metrics, dense), "none", notes)
     check = random_tokens(vocab, 2, min(64, settings.prompt_lengths[0]), device, settings.seed)
     reference = logits_of(model, check)
     try:
@@ -343,12 +342,12 @@ def speed(model: nn.Module, settings: SpeedSettings, vocab: int) -> SpeedResult:
                 1.0, reference.abs().max().item()) else None
     except (RuntimeError, NotImplementedError, TypeError) as exc:  # no such kernel here
         notes["none"] = f"{kernel.name} failed on this device: {type(exc).__name__}: {exc}"[:300]
-        return SpeedResult(_with_own(metrics, own), chosen, notes)
+        return SpeedResult(_with_own(metrics, dense), "none", notes)
     metrics[f"speed.{kernel.name}.max_abs_diff"] = diff
     metrics[f"speed.{kernel.name}.linears"] = swapped
     if numbers is None:
         notes["none"] = f"{kernel.name} is wrong here: logits differ by {diff:.3g} from dense"
-        return SpeedResult(_with_own(metrics, own), chosen, notes)
+        return SpeedResult(_with_own(metrics, dense), "none", notes)
     metrics.update({f"speed.{kernel.name}.{k}": v for k, v in numbers.items()})
     notes[kernel.name] = kernel.about
     return SpeedResult(_with_own(metrics, numbers), kernel.name, notes)
