@@ -5,7 +5,7 @@ Zeros alone buy nothing on dense kernels (a matmul multiplies them like any othe
 the stage looks at where the zeros of the decoder's linear layers are and measures the kernel
 made for that structure, next to the dense one:
 
-| zeros                              | kernel (`speed.kernel`)                                     |
+| zeros                              | kernel (tag `sparselab.speed.kernel`)                       |
 |------------------------------------|-------------------------------------------------------------|
 | none (dense, structured shrink)    | dense only; a shrunken model runs its real, smaller shapes  |
 | whole B x B blocks (block:BxB, the | `bsr<B>`: torch sparse BSR (block CSR) on CPU and GPU       |
@@ -15,7 +15,8 @@ made for that structure, next to the dense one:
 | anywhere else                      | `csr`: torch sparse CSR (MKL on CPU)                        |
 
 Where no kernel of this machine can use the zeros (2:4 on a CPU, say), nothing is guessed: the
-cell's numbers are the dense kernel's and its `speed.kernel` tag says "none" with the reason.
+cell's numbers are the dense kernel's and its `sparselab.speed.kernel` tag says "none", with
+the reason in `sparselab.speed.kernels`.
 
 Timing: a fixed number of threads, warm-up calls, then repeated calls timed with
 `time.perf_counter` (CUDA synchronised); the median and the interquartile range are logged.
@@ -134,7 +135,6 @@ class SparseLinear(nn.Module):
     def __init__(self, linear: nn.Linear, kernel: Kernel):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.kernel = kernel
         self.weight = kernel.layout(linear.weight.detach())
         self.bias = linear.bias
 

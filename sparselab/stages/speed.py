@@ -31,7 +31,11 @@ def hardware_label() -> str:
 
 
 def threads_of(section: Speed) -> int:
-    return section.threads or len(os.sched_getaffinity(0))
+    """The section's threads, else the cores this process may use (all of them where the OS
+    cannot say: not Linux)."""
+    if section.threads:
+        return section.threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 class SpeedStage(StageKind):
@@ -72,7 +76,7 @@ class SpeedStage(StageKind):
             torch.set_num_threads(previous)
         (ctx.artifacts / "speed.json").write_text(json.dumps(
             {"hardware": planned, "threads": threads, "kernel": result.kernel,
-             "kernels": result.notes, "metrics": result.metrics}, indent=2))
+             "kernels": result.notes}, indent=2))
         ctx.write_metrics({**result.metrics, "speed.threads": threads})
         ctx.write_tags({"sparselab.speed.kernel": result.kernel,
                         "sparselab.speed.hardware": planned,
