@@ -198,7 +198,6 @@ def check_model_name(name: str) -> None:
 def load_model(path: str | Path, dtype: str = "float32",
                trust_remote_code: bool = False) -> LoadedModel:
     """Load a saved sparselab model (or any HF folder / hub id / .gguf file) with its tokenizer."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = Path(path)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}

@@ -13,9 +13,11 @@ from sparselab.matrix import CellConfig
 from sparselab.prune.base import PruneContext
 from sparselab.prune.calibration import calibration_set
 from sparselab.prune.layers import layer_index, prunable_linears
-from sparselab.prune.options import TierOptions
+from sparselab.prune.options import BlockOptions, TierOptions
 from sparselab.prune.owl import owl_ratios
-from sparselab.prune.patterns import Pattern, PatternViolation, tier_counts, tiers_mask
+from sparselab.prune.patterns import (DENSE_TIER, NM_TIER, REMOVED_TIER, Pattern, PatternViolation,
+                                      block_mask, block_tiers, expand_blocks, tier_counts,
+                                      tiers_mask)
 from sparselab.prune.sparsegpt.method import sparsegpt_prune
 from sparselab.registry import PRUNING
 from sparselab.shapes import decoder_layers
@@ -263,11 +265,77 @@ def test_explicit_ratio_list_of_wrong_length(tiny, tmp_path):
         run_prune(tiny, cell("wanda", layer_ratios=[0.5, 0.5]), tmp_path)
 
 
+# --- block comparison groups ----------------------------------------------------------------------
+
+def direct_block_ranks(scores, b, group, normalize):
+    """Per comparison group, the (row, column) indices of its b x b blocks, highest summed score
+    first, written out with loops."""
+    if normalize:
+        scores = scores / scores.mean(dim=0, keepdim=True)
+    rows, cols = scores.shape[0] // b, scores.shape[1] // b
+    total = {(r, c): float(scores[r * b:(r + 1) * b, c * b:(c + 1) * b].sum())
+             for r in range(rows) for c in range(cols)}
+    if group == "matrix":
+        groups = [list(total)]
+    elif group == "row":
+        groups = [[(r, c) for c in range(cols)] for r in range(rows)]
+    else:
+        groups = [[(r, c) for r in range(rows)] for c in range(cols)]
+    return [sorted(g, key=lambda rc: -total[rc]) for g in groups]
+
+
+@pytest.mark.parametrize("group", ["matrix", "row", "column"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_block_groups_against_direct_ranking(group, normalize):
+    torch.manual_seed(0)
+    scores = torch.rand(32, 64) * torch.rand(64) ** 4  # inputs of very different scales
+    blocks = BlockOptions(group=group, normalize=normalize)
+    keep = block_mask(scores, 0.5, 8, 8, blocks)
+    kept = keep.reshape(4, 8, 8, 8).sum(dim=(1, 3))
+    for ranked in direct_block_ranks(scores, 8, group, normalize):
+        cut = len(ranked) - int(len(ranked) * 0.5)
+        assert all(kept[rc] == 64 for rc in ranked[:cut]) and all(kept[rc] == 0
+                                                                  for rc in ranked[cut:])
+    Pattern.parse("block:8x8", blocks=blocks).verify("x", scores * keep, keep, 0.5, slack=0)
+    emptied = int((~keep).all(dim=0).sum())
+    if group == "column":
+        assert emptied == 0  # every input keeps half of its blocks
+
+
+@pytest.mark.parametrize("group", ["row", "column"])
+def test_tiers_groups_against_direct_ranking(group):
+    torch.manual_seed(1)
+    scores = torch.rand(32, 64)
+    tiers = TierOptions(ratios=(0.25, 0.5, 0.25), nm="2:4", block=8)
+    blocks = BlockOptions(group=group)
+    keep = tiers_mask(scores, tiers, blocks)
+    kept = keep.reshape(4, 8, 8, 8).sum(dim=(1, 3))
+    for ranked in direct_block_ranks(scores, 8, group, False):
+        dense, nm, removed = tier_counts(len(ranked), tiers.ratios)
+        assert [int(kept[rc]) for rc in ranked] == [64] * dense + [32] * nm + [0] * removed
+    pattern = Pattern.parse("tiers", tiers, blocks)
+    pattern.verify("x", scores * keep, keep, tiers.sparsity, slack=0)
+    ranked_across = tiers_mask(scores, tiers)  # the matrix-wide ranking breaks the group counts
+    with pytest.raises(PatternViolation, match=f"in a {group} group"):
+        pattern.verify("x", scores * ranked_across, ranked_across, tiers.sparsity, slack=0)
+
+
+def test_block_groups_on_tiny_llama(tiny, tmp_path):
+    opts = {"blocks": {"group": "column"}}
+    run_prune(tiny, cell("wanda", pattern="block:16x16", options=opts), tmp_path)
+    for name, linear in prunable_linears(tiny.model).items():
+        rows, cols = linear.weight.shape
+        zeros = (linear.weight == 0).reshape(rows // 16, 16, cols // 16, 16).sum(dim=(1, 3))
+        assert bool(((zeros == 256).sum(dim=0) == int(rows // 16 * 0.5)).all()), name
+
+
 # --- SparseGPT -----------------------------------------------------------------------------------
 
-def sparsegpt_direct(w, x, sparsity, blocksize, nm=None, percdamp=0.01):
+def sparsegpt_direct(w, x, sparsity, blocksize, nm=None, percdamp=0.01, blocks=None):
     """SparseGPT written out plainly in float64: explicit inverse, one column at a time, the inverse
-    of the remaining columns updated by Gaussian elimination, every later column updated at once."""
+    of the remaining columns updated by Gaussian elimination, every later column updated at once.
+    `blocks`: a block:RxC / tiers Pattern, its blocks ranked by summed w^2 / [H^-1]_cc, up front
+    (matrix, row groups) or as each lazy-update block is reached (column groups)."""
     W = w.double().clone()
     cols = W.shape[1]
     H = 2 * x.double().T @ x.double() / 4
@@ -277,9 +345,29 @@ def sparsegpt_direct(w, x, sparsity, blocksize, nm=None, percdamp=0.01):
     H += percdamp * torch.diag(H).mean() * torch.eye(cols, dtype=torch.float64)
     Hinv = torch.linalg.inv(H)
     keep = torch.ones_like(W, dtype=torch.bool)
+    in_nm = torch.zeros_like(keep) if blocks is not None else torch.ones_like(keep)
+    if blocks is not None and blocks.kind == "tiers":
+        nm = blocks.tiers.nm_args
+
+    def block_choice(c, end):
+        diag = torch.stack([_remaining_diag(Hinv, c, j) for j in range(c, end)])
+        scores = (W[:, c:end] ** 2 / diag).float()
+        if blocks.kind == "tiers":
+            b = blocks.tiers.block
+            tier = expand_blocks(block_tiers(scores, blocks.tiers, blocks.blocks), b, b)
+        else:
+            tier = torch.where(block_mask(scores, sparsity, *blocks.args, blocks.blocks),
+                               DENSE_TIER, REMOVED_TIER)
+        keep[:, c:end] = tier != REMOVED_TIER
+        in_nm[:, c:end] = tier == NM_TIER
+
+    if blocks is not None and blocks.blocks.group != "column":
+        block_choice(0, cols)
     for c in range(cols):
         d = Hinv[c, c]
-        if nm is None and c % blocksize == 0:
+        if blocks is not None and blocks.blocks.group == "column" and c % blocksize == 0:
+            block_choice(c, min(c + blocksize, cols))
+        if blocks is None and nm is None and c % blocksize == 0:
             end = min(c + blocksize, cols)
             diag = torch.stack([_remaining_diag(Hinv, c, j) for j in range(c, end)])
             block = W[:, c:end] ** 2 / diag
@@ -293,8 +381,8 @@ def sparsegpt_direct(w, x, sparsity, blocksize, nm=None, percdamp=0.01):
             diag = torch.stack([_remaining_diag(Hinv, c, j) for j in range(c, c + m)])
             group = W[:, c:c + m] ** 2 / diag
             drop = group.argsort(dim=1)[:, :m - n]
-            keep[:, c:c + m] = True
-            keep[:, c:c + m].scatter_(1, drop, False)
+            chosen = torch.ones_like(group, dtype=torch.bool).scatter_(1, drop, False)
+            keep[:, c:c + m] = torch.where(in_nm[:, c:c + m], chosen, keep[:, c:c + m])
         q = W[:, c] * keep[:, c]
         err = (W[:, c] - q) / d
         W[:, c:] -= err[:, None] * Hinv[c, c:][None, :]
@@ -329,10 +417,30 @@ def test_sparsegpt_equals_direct_obs(nm):
     assert ((x @ (w - got).T) ** 2).sum() < 0.9 * ((x @ (w - plain).T) ** 2).sum()
 
 
-@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize("text,group", [("block:4x4", "matrix"), ("block:4x4", "row"),
+                                        ("block:4x4", "column"), ("tiers", "matrix"),
+                                        ("tiers", "column")])
+def test_sparsegpt_with_blocks_equals_direct_obs(text, group):
+    torch.manual_seed(0)
+    w = torch.randn(16, 24)
+    x = torch.randn(4 * 20, 24) @ torch.randn(24, 24) * 0.5
+    H = 2 * x.T @ x / 4
+    tiers = TierOptions(ratios=(0.25, 0.5, 0.25), nm="2:4", block=4)
+    pattern = Pattern.parse(text, tiers, BlockOptions(group=group))
+    got, keep, _ = sparsegpt_prune(w, H, 0.5, blocksize=8, blocks=pattern)
+    want, want_keep = sparsegpt_direct(w, x, 0.5, blocksize=8, blocks=pattern)
+    assert torch.equal(keep, want_keep)
+    assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-4)
+    pattern.verify("w", got, keep, pattern.target(0.5), slack=0)  # whole blocks, exact counts
+    plain = w * keep  # the update lowers the output error of the same mask
+    assert ((x @ (w - got).T) ** 2).sum() < 0.9 * ((x @ (w - plain).T) ** 2).sum()
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "block:16x16"])
 def test_sparsegpt_on_tiny_llama(tiny, tmp_path, pattern):
     before = weights(tiny.model)
-    run_prune(tiny, cell("sparsegpt", pattern=pattern, options={"blocksize": 32}), tmp_path)
+    options = {"blocksize": 32, **({"blocks": {"group": "row"}} if "block" in pattern else {})}
+    run_prune(tiny, cell("sparsegpt", pattern=pattern, options=options), tmp_path)
     for name, linear in prunable_linears(tiny.model).items():
         w = linear.weight
         assert float((w == 0).float().mean()) == pytest.approx(0.5), name
@@ -362,8 +470,10 @@ def test_bfloat16(tiny_model_dir, tmp_path):
     ("wanda", {"pattern": "tiers", "options": {"tiers": {"nm": "block:2x2"}}}, "N:M"),
     ("wanda", {"pattern": "2:4", "options": {"variant": True}}, "unstructured"),
     ("wanda", {"options": {"varient": True}}, "varient"),
-    ("sparsegpt", {"pattern": "block:16x16"}, "not supported"),
-    ("sparsegpt", {"pattern": "tiers"}, "not supported"),
+    ("sparsegpt", {"pattern": "block:16x16", "options": {"blocksize": 40}}, "block width 16"),
+    ("sparsegpt", {"pattern": "tiers", "options": {"per_row": True}}, "unstructured"),
+    ("wanda", {"options": {"blocks": {"group": "row"}}}, "has no blocks"),
+    ("magnitude", {"pattern": "block:4x4", "options": {"blocks": {"group": "rows"}}}, "column"),
     ("sparsegpt", {"pattern": "4:8", "options": {"blocksize": 36}}, "multiple of M"),
 ])
 def test_check_rejects(method, prune, message):
@@ -424,3 +534,21 @@ def test_check_model_uses_the_config_before_any_weights(tiny_model_dir, tiny):
         with pytest.raises(ValueError, match=message):
             PRUNING.get(method)().check_model(cell(method, **prune).prune, model_config)
     PRUNING.get("wanda")().check_model(cell("wanda", pattern="tiers").prune, model_config)
+
+
+@torch.no_grad()
+def test_emptied_inputs_are_reported_per_kind_of_linear(tiny):
+    from sparselab.prune.layers import sparsity_report
+    linears = prunable_linears(tiny.model)
+    down = linears["model.layers.0.mlp.down_proj"]
+    down.weight[:, :3] = 0
+    down.weight[1:, 3] = 0  # one weight left: this input is still read
+    per_layer, overall = sparsity_report(tiny.model)
+    downs = [n for n in linears if n.endswith("down_proj")]
+    columns = sum(linears[n].in_features for n in downs)
+    assert overall["sparsity.emptied_inputs.down_proj"] == pytest.approx(3 / columns)
+    assert overall["sparsity.emptied_inputs.up_proj"] == 0.0
+    total = sum(linear.in_features for linear in linears.values())
+    assert overall["sparsity.emptied_inputs"] == pytest.approx(3 / total)
+    assert per_layer["model.layers.0.mlp.down_proj"]["emptied_inputs"] == \
+        pytest.approx(3 / down.in_features)

@@ -47,6 +47,10 @@ class PruningMethod(abc.ABC):
         if kind not in self.patterns:
             raise ValueError(f"pattern '{config.pattern}' is not supported by method "
                              f"'{config.method}' (supported: {', '.join(self.patterns)}).")
+        if "blocks" in config.options and kind not in ("block", "tiers"):
+            raise ValueError(f"options.blocks says how the blocks of pattern block:RxC or tiers "
+                             f"are compared; pattern '{config.pattern}' has no blocks. Remove "
+                             f"options.blocks or use a block pattern.")
         implied = 1 - args[0] / args[1] if kind == "nm" else None
         if implied is not None and not math.isclose(config.sparsity, implied, abs_tol=1e-9):
             n, m = args

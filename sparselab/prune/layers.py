@@ -69,17 +69,27 @@ def adapter_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
 def sparsity_report(model: nn.Module) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Achieved sparsity per prunable layer and overall (`sparsity.linear`, `params.*`).
 
+    `sparsity.emptied_inputs` is the share of the linears' input columns whose weights are all
+    zero (an input the layer no longer reads: what ranking blocks across a whole matrix does to
+    low-activation inputs), overall and per kind of linear (`sparsity.emptied_inputs.down_proj`).
+
     With unmerged adapters `sparsity.linear` is the frozen base's; `sparsity.effective` counts
     the zeros of base + adapter, the weights the model computes with (over all prunable
     linears), and `sparsity.effective_adapted` over the adapted linears alone."""
     per_layer = {}
     zeros = total = 0
+    emptied: dict[str, list[int]] = {}  # kind of linear -> [emptied input columns, columns]
     deltas = adapter_deltas(model)
     effective_zeros = adapted_zeros = adapted_total = 0
     for name, linear in prunable_linears(model).items():
         n = linear.weight.numel()
         z = int((linear.weight == 0).sum())
-        per_layer[name] = {"zeros": z, "total": n, "sparsity": z / n}
+        empty = int((linear.weight == 0).all(dim=0).sum())
+        per_layer[name] = {"zeros": z, "total": n, "sparsity": z / n,
+                           "emptied_inputs": empty / linear.in_features}
+        counts = emptied.setdefault(name.rsplit(".", 1)[-1], [0, 0])
+        counts[0] += empty
+        counts[1] += linear.in_features
         zeros += z
         total += n
         if name in deltas:
@@ -91,6 +101,11 @@ def sparsity_report(model: nn.Module) -> tuple[dict[str, dict[str, float]], dict
     params_nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     overall = {"sparsity.linear": zeros / total if total else 0.0,
                "weights.total": float(params_total), "weights.nonzero": float(params_nonzero)}
+    if emptied:
+        overall["sparsity.emptied_inputs"] = (sum(e for e, _ in emptied.values())
+                                              / sum(c for _, c in emptied.values()))
+        overall.update({f"sparsity.emptied_inputs.{kind}": e / c
+                        for kind, (e, c) in emptied.items()})
     if deltas:
         overall["sparsity.effective"] = effective_zeros / total
         overall["sparsity.effective_adapted"] = adapted_zeros / adapted_total

@@ -72,9 +72,7 @@ class LayerwisePruning(PruningMethod):
                              "use unstructured or block:BxB.")
 
     def check_model(self, config, model_config) -> None:
-        options = config.method_options
-        check_against_model(config, Pattern.parse(config.pattern, getattr(options, "tiers", None)),
-                            model_config)
+        check_against_model(config, Pattern.of(config), model_config)
 
     @abc.abstractmethod
     def new_stat(self, linear: nn.Linear):
@@ -88,7 +86,7 @@ class LayerwisePruning(PruningMethod):
     def prune(self, loaded, ctx: PruneContext) -> dict[str, float]:
         config = ctx.config
         options = config.method_options
-        pattern = Pattern.parse(config.pattern, getattr(options, "tiers", None))
+        pattern = Pattern.of(config)
         model = loaded.model
         layers = decoder_layers(model)
         validate_ratios(config, len(layers))

@@ -1,7 +1,9 @@
-"""Option groups several pruning methods share: `options.tiers` (the three-tier hybrid pattern)
-and `options.owl` (OWL's per-layer ratios). Torch-free: the schema validates them as the matrix is
+"""Option groups several pruning methods share: `options.tiers` (the three-tier hybrid pattern),
+`options.blocks` (how blocks are compared) and `options.owl` (OWL's per-layer ratios). Torch-free: the schema validates them as the matrix is
 read (sparselab.prune.patterns and sparselab.prune.owl use them)."""
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator,
                       model_validator)
@@ -52,6 +54,21 @@ class TierOptions(BaseModel):
     def sparsity(self) -> float:
         n, m = self.nm_args
         return self.ratios[1] * (1 - n / m) + self.ratios[2]
+
+
+class BlockOptions(BaseModel):
+    """`options.blocks`: which blocks of `block:RxC` and `tiers` compete with each other.
+
+    `group: matrix` ranks every block of a weight matrix against every other (one ranking can
+    empty whole input columns: the blocks of low-activation inputs all score low); `row` ranks the
+    blocks of each block-row (R output rows) among themselves, Wanda's per-output comparison one
+    block coarser; `column` ranks those of each block-column (C inputs), so no input loses more
+    than the target share of its blocks. Each group removes (or tiers) its own share. With
+    `normalize: true` each input column's scores are divided by their mean over the rows before
+    blocks are summed, so an input's activation scale no longer decides whole columns."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    group: Literal["matrix", "row", "column"] = "matrix"
+    normalize: bool = False
 
 
 class OwlOptions(BaseModel):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from sparselab.matrix import parse_pattern
-from sparselab.prune.options import TierOptions
+from sparselab.prune.options import BlockOptions, TierOptions
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
@@ -59,11 +59,16 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
-def block_scores(scores: torch.Tensor, br: int, bc: int) -> torch.Tensor:
-    """Summed score of every br x bc block, shape (rows/br, cols/bc)."""
+def block_scores(scores: torch.Tensor, br: int, bc: int, normalize: bool = False
+                 ) -> torch.Tensor:
+    """Summed score of every br x bc block, shape (rows/br, cols/bc); with `normalize` each input
+    column's scores are first divided by their mean over the rows (`options.blocks.normalize`)."""
     rows, cols = scores.shape
     if rows % br or cols % bc:
         raise ValueError(f"block {br}x{bc} does not divide the weight matrix {rows}x{cols}")
+    if normalize:
+        mean = scores.mean(dim=0, keepdim=True)
+        scores = scores / torch.where(mean > 0, mean, torch.ones_like(mean))
     return scores.reshape(rows // br, br, cols // bc, bc).sum(dim=(1, 3))
 
 
@@ -71,16 +76,32 @@ def expand_blocks(block_mask: torch.Tensor, br: int, bc: int) -> torch.Tensor:
     return block_mask.repeat_interleave(br, 0).repeat_interleave(bc, 1)
 
 
-def block_mask(scores: torch.Tensor, sparsity: float, br: int, bc: int) -> torch.Tensor:
-    """Remove whole blocks, lowest summed score first, until `sparsity` of the blocks are gone."""
-    per_block = block_scores(scores, br, bc)
-    keep = unstructured_mask(per_block, sparsity, per_row=False)
-    return expand_blocks(keep, br, bc)
+def grouped(per_block: torch.Tensor, group: str) -> torch.Tensor:
+    """The blocks as one comparison group per row: the whole matrix, each block-row, or each
+    block-column (`options.blocks.group`). `ungrouped` turns such a view back."""
+    if group == "matrix":
+        return per_block.reshape(1, -1)
+    return per_block if group == "row" else per_block.t()
+
+
+def ungrouped(values: torch.Tensor, group: str, shape: torch.Size) -> torch.Tensor:
+    if group == "matrix":
+        return values.reshape(shape)
+    return values if group == "row" else values.t()
+
+
+def block_mask(scores: torch.Tensor, sparsity: float, br: int, bc: int,
+               blocks: BlockOptions = BlockOptions()) -> torch.Tensor:
+    """Remove whole blocks, lowest summed score first, floor(`sparsity` x its blocks) in each
+    comparison group."""
+    per_block = block_scores(scores, br, bc, blocks.normalize)
+    keep = unstructured_mask(grouped(per_block, blocks.group), sparsity, per_row=True)
+    return expand_blocks(ungrouped(keep, blocks.group, per_block.shape), br, bc)
 
 
 def mask_for_pattern(scores: torch.Tensor, pattern: str, sparsity: float,
                      per_row: bool) -> torch.Tensor:
-    """The mask of one weight matrix for a pattern string of the matrix file."""
+    """The mask of one weight matrix for a pattern string of the matrix file (default options)."""
     kind, args = parse_pattern(pattern)
     if kind == "unstructured":
         return unstructured_mask(scores, sparsity, per_row)
@@ -98,7 +119,7 @@ def _round_half_up(value: float) -> int:
 
 
 def tier_counts(blocks: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
-    """(dense, N:M, removed) block counts of a matrix with `blocks` blocks."""
+    """(dense, N:M, removed) block counts of a comparison group of `blocks` blocks."""
     removed = min(blocks, _round_half_up(blocks * ratios[2]))
     dense = min(blocks - removed, _round_half_up(blocks * ratios[0]))
     return dense, blocks - dense - removed, removed
@@ -107,22 +128,25 @@ def tier_counts(blocks: int, ratios: tuple[float, float, float]) -> tuple[int, i
 DENSE_TIER, NM_TIER, REMOVED_TIER = 0, 1, 2
 
 
-def block_tiers(scores: torch.Tensor, tiers: TierOptions) -> torch.Tensor:
-    """The tier (0 dense, 1 N:M, 2 removed) of every block, shape (rows/B, cols/B)."""
-    per_block = block_scores(scores, tiers.block, tiers.block)
-    dense, nm, _ = tier_counts(per_block.numel(), tiers.ratios)
-    order = torch.argsort(per_block.flatten(), descending=True, stable=True)
-    tier = torch.full((per_block.numel(),), REMOVED_TIER, dtype=torch.long,
-                      device=scores.device)
-    tier[order[:dense]] = DENSE_TIER
-    tier[order[dense:dense + nm]] = NM_TIER
-    return tier.view_as(per_block)
+def block_tiers(scores: torch.Tensor, tiers: TierOptions,
+                blocks: BlockOptions = BlockOptions()) -> torch.Tensor:
+    """The tier (0 dense, 1 N:M, 2 removed) of every block, shape (rows/B, cols/B): within each
+    comparison group the highest-scored blocks stay dense, the lowest are removed."""
+    per_block = block_scores(scores, tiers.block, tiers.block, blocks.normalize)
+    groups = grouped(per_block, blocks.group)
+    dense, nm, removed = tier_counts(groups.shape[1], tiers.ratios)
+    by_rank = torch.tensor([DENSE_TIER] * dense + [NM_TIER] * nm + [REMOVED_TIER] * removed,
+                           dtype=torch.long, device=scores.device).expand_as(groups)
+    order = torch.argsort(groups, dim=1, descending=True, stable=True)
+    tier = torch.empty_like(order).scatter_(1, order, by_rank)
+    return ungrouped(tier, blocks.group, per_block.shape)
 
 
-def tiers_mask(scores: torch.Tensor, tiers: TierOptions) -> torch.Tensor:
+def tiers_mask(scores: torch.Tensor, tiers: TierOptions,
+               blocks: BlockOptions = BlockOptions()) -> torch.Tensor:
     """Dense top blocks, N:M (by element score) in the middle blocks, the last blocks removed."""
     b = tiers.block
-    tier = expand_blocks(block_tiers(scores, tiers), b, b)
+    tier = expand_blocks(block_tiers(scores, tiers, blocks), b, b)
     keep = tier == DENSE_TIER
     return keep | ((tier == NM_TIER) & nm_mask(scores, *tiers.nm_args))
 
@@ -135,18 +159,36 @@ class PatternViolation(ValueError):
 
 @dataclass(frozen=True)
 class Pattern:
-    """A parsed `prune.pattern` (with its tier options): makes masks, checks pruned layers."""
+    """A parsed `prune.pattern` with its tier and block options: makes masks, checks pruned
+    layers."""
     text: str
     kind: str
     args: tuple[int, ...]
     tiers: TierOptions | None = None
+    blocks: BlockOptions = BlockOptions()
 
     @classmethod
-    def parse(cls, pattern: str, tiers: TierOptions | None = None) -> Pattern:
+    def parse(cls, pattern: str, tiers: TierOptions | None = None,
+              blocks: BlockOptions | None = None) -> Pattern:
         kind, args = parse_pattern(pattern)
         if kind == "tiers" and tiers is None:
             tiers = TierOptions()
-        return cls(pattern, kind, args, tiers if kind == "tiers" else None)
+        return cls(pattern, kind, args, tiers if kind == "tiers" else None,
+                   blocks or BlockOptions())
+
+    @classmethod
+    def of(cls, config) -> Pattern:
+        """The pattern of a `prune` section, with the method's `tiers` and `blocks` options."""
+        options = config.method_options
+        return cls.parse(config.pattern, getattr(options, "tiers", None),
+                         getattr(options, "blocks", None))
+
+    @property
+    def block_shape(self) -> tuple[int, int] | None:
+        """(rows, columns) of one block of `block:RxC` or `tiers`; None for other patterns."""
+        if self.kind == "block":
+            return self.args  # type: ignore[return-value]
+        return (self.tiers.block,) * 2 if self.kind == "tiers" else None
 
     @property
     def fixed_sparsity(self) -> float | None:
@@ -168,15 +210,17 @@ class Pattern:
         if self.kind == "nm" and cols % self.args[1]:
             raise ValueError(f"pattern '{self.text}': the input width {cols} of {name} is not "
                              f"divisible by M={self.args[1]}")
-        if self.kind in ("block", "tiers"):
-            br, bc = self.args if self.kind == "block" else (self.tiers.block,) * 2
+        if self.block_shape is not None:
+            br, bc = self.block_shape
             if rows % br or cols % bc:
                 raise ValueError(f"pattern '{self.text}': block {br}x{bc} does not divide the "
                                  f"{rows}x{cols} weight of {name}")
 
     def mask(self, scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
         if self.kind == "tiers":
-            return tiers_mask(scores, self.tiers)
+            return tiers_mask(scores, self.tiers, self.blocks)
+        if self.kind == "block":
+            return block_mask(scores, sparsity, *self.args, self.blocks)
         return mask_for_pattern(scores, self.text, sparsity, per_row)
 
     def verify(self, name: str, weight: torch.Tensor, keep: torch.Tensor, sparsity: float,
@@ -184,7 +228,8 @@ class Pattern:
         """Check a pruned weight against its mask; return the mask's pruned share.
 
         `slack`: how many weights the pruned count may differ from sparsity * numel (the rounding
-        of one row or block per unit the method rounds in); N:M and tiers are checked exactly.
+        of one row per unit the method rounds in); N:M, blocks and tiers are checked exactly,
+        blocks and tiers in each comparison group of `options.blocks.group`.
         """
         if bool((weight[~keep] != 0).any()):
             raise PatternViolation(f"{name}: {int((weight[~keep] != 0).sum())} weights outside "
@@ -195,10 +240,13 @@ class Pattern:
             self._verify_nm(name, weight, keep, *self.args)
         elif self.kind == "block":
             br, bc = self.args
-            self._verify_whole_blocks(name, keep, br, bc)
-            if abs(pruned - sparsity * keep.numel()) > max(slack, br * bc) + 1e-6:
+            removed = grouped(self._verify_whole_blocks(name, keep, br, bc) == 0,
+                              self.blocks.group)
+            expected = int(removed.shape[1] * sparsity)  # block_mask's count in each group
+            if bool((removed.sum(dim=1) != expected).any()):
                 raise PatternViolation(f"{name}: {pruned / keep.numel():.4f} of the weights "
-                                       f"pruned, target {sparsity:.4f}")
+                                       f"pruned, target {sparsity:.4f} ({expected} blocks "
+                                       f"removed in each {self.blocks.group} group)")
         elif self.kind == "tiers":
             self._verify_tiers(name, weight, keep)
         elif abs(pruned - sparsity * keep.numel()) > slack + 1e-6:
@@ -226,12 +274,13 @@ class Pattern:
         b, (n, m) = self.tiers.block, self.tiers.nm_args
         rows, cols = keep.shape
         kept = keep.reshape(rows // b, b, cols // b, b).sum(dim=(1, 3))
-        dense, nm, removed = tier_counts(kept.numel(), self.tiers.ratios)
-        counts = (int((kept == b * b).sum()), int((kept == b * b * n // m).sum()),
-                  int((kept == 0).sum()))
-        if counts != (dense, nm, removed):
-            raise PatternViolation(f"{name}: tiers hold {counts} (dense, N:M, removed) blocks, "
-                                   f"expected {(dense, nm, removed)}")
+        groups = grouped(kept, self.blocks.group)
+        expected = tier_counts(groups.shape[1], self.tiers.ratios)
+        for counts in zip(*((groups == k).sum(dim=1).tolist() for k in (b * b, b * b * n // m, 0))):
+            if counts != expected:
+                raise PatternViolation(f"{name}: tiers hold {counts} (dense, N:M, removed) "
+                                       f"blocks in a {self.blocks.group} group, expected "
+                                       f"{expected}")
         tier = torch.full(kept.shape, NM_TIER, device=keep.device)
         tier[kept == b * b] = DENSE_TIER
         tier[kept == 0] = REMOVED_TIER

@@ -115,8 +115,8 @@ class ModelStageKind(StageKind):
         from sparselab.plots import plot_layer_sparsity
         from sparselab.prune.layers import sparsity_report
         per_layer, overall = sparsity_report(loaded.model)
-        rows = ["layer,zeros,total,sparsity"] + [
-            f"{name},{s['zeros']},{s['total']},{s['sparsity']:.6f}"
+        rows = ["layer,zeros,total,sparsity,emptied_inputs"] + [
+            f"{name},{s['zeros']},{s['total']},{s['sparsity']:.6f},{s['emptied_inputs']:.6f}"
             for name, s in per_layer.items()]
         (ctx.artifacts / "layer_sparsity.csv").write_text("\n".join(rows) + "\n")
         plot_layer_sparsity(per_layer, ctx.artifacts / "layer_sparsity.png")

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from sparselab.prune.options import TierOptions
+from sparselab.prune.options import BlockOptions, TierOptions
 
 
 class MagnitudeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     tiers: TierOptions = TierOptions()
+    blocks: BlockOptions = BlockOptions()

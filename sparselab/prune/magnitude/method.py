@@ -9,9 +9,11 @@ prune:
   skip_layers: []
   options:
     tiers: {ratios: [0.35, 0.45, 0.20], nm: "2:4", block: 16}   # pattern: tiers
+    blocks: {group: matrix, normalize: false}   # block:RxC, tiers: or group: row / column
 ```
 Unstructured magnitude compares weights across the whole layer, as in the Wanda and SparseGPT
-papers' magnitude baselines; N:M, blocks and tiers compare within their groups.
+papers' magnitude baselines; N:M, blocks and tiers compare within their groups (for blocks:
+`options.blocks`, sparselab.prune.options.BlockOptions).
 """
 from __future__ import annotations
 
@@ -42,14 +44,12 @@ class MagnitudePruning(PruningMethod):
                              "N:M and tiers fix the sparsity of every layer.")
 
     def check_model(self, config, model_config) -> None:
-        check_against_model(config, Pattern.parse(config.pattern, config.method_options.tiers),
-                            model_config)
+        check_against_model(config, Pattern.of(config), model_config)
 
     @torch.no_grad()
     def prune(self, loaded: LoadedModel, ctx: PruneContext) -> dict[str, float]:
         config = ctx.config
-        options = config.method_options
-        pattern = Pattern.parse(config.pattern, options.tiers)
+        pattern = Pattern.of(config)
         sparsities = layer_sparsities(config, len(decoder_layers(loaded.model)))
         linears = prunable_linears(loaded.model)
         for name, linear in linears.items():

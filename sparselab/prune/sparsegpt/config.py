@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-from sparselab.prune.options import OwlOptions
+from sparselab.prune.options import BlockOptions, OwlOptions, TierOptions
 
 
 class SparseGPTOptions(BaseModel):
@@ -12,4 +12,6 @@ class SparseGPTOptions(BaseModel):
     blocksize: PositiveInt = 128
     percdamp: float = Field(0.01, gt=0.0)
     per_row: bool = False
+    tiers: TierOptions = TierOptions()
+    blocks: BlockOptions = BlockOptions()
     owl: OwlOptions = OwlOptions()

@@ -4,13 +4,15 @@
 prune:
   method: sparsegpt
   sparsity: 0.5
-  pattern: unstructured          # or "2:4", "4:8"
+  pattern: unstructured          # or "2:4", "4:8", block:16x16, tiers
   calibration: {data: wikitext2, samples: 128, seqlen: 512}
   layer_ratios: uniform          # or owl (outlier shares from Wanda scores), or a list
   options:
     blocksize: 128               # columns per lazy-update block (and per mask selection)
     percdamp: 0.01               # dampening: this share of the mean Hessian diagonal
     per_row: false               # unstructured: pick the mask per row within each block
+    tiers: {ratios: [0.35, 0.45, 0.20], nm: "2:4", block: 16}   # pattern: tiers
+    blocks: {group: matrix, normalize: false}   # block:RxC, tiers: or group: row / column
     owl: {M: 5, lambda: 0.08}
 ```
 
@@ -25,6 +27,15 @@ code's), or per row with `per_row: true`; for N:M, the M - N lowest of every
 group of M, chosen when the group's first column is reached. Layers are processed in order like
 Wanda: each layer's calibration inputs are the outputs of the already pruned layers before it.
 
+Whole blocks (`block:RxC`, `tiers`; not in the reference code): the OBS update holds for any mask,
+so the removed blocks are compensated like single weights. A block's score is its sum of
+w^2 / U_cc^2, ranked in its comparison group (`options.blocks`). Blocks compared across lazy-update
+blocks (`group: matrix` or `row`) are chosen once before the update, from the weights as given;
+with `group: column` every block-column lies inside one lazy-update block, so its blocks are chosen
+when that block is reached, from the updated weights, as unstructured masks are. The N:M of the
+tiers' middle blocks is chosen group by group as for an N:M pattern. `blocksize` must be a multiple
+of the block width.
+
 Where this differs from the reference: a block prunes exactly floor(share x size) weights, those
 with the lowest scores. The reference takes the score at sorted index floor(share x size) as a
 threshold and prunes every score <= it, so one weight more per block (more on ties): at 0.5 on a
@@ -37,7 +48,8 @@ import torch
 from torch import nn
 
 from sparselab.prune.layerwise import LayerwisePruning
-from sparselab.prune.patterns import Pattern, nm_mask, unstructured_mask
+from sparselab.prune.patterns import (DENSE_TIER, NM_TIER, REMOVED_TIER, Pattern, block_tiers,
+                                      expand_blocks, nm_mask, unstructured_mask)
 from sparselab.prune.sparsegpt.config import SparseGPTOptions
 
 
@@ -65,14 +77,27 @@ class Hessian:
         return self.xtx * (2.0 / max(self.sequences, 1))
 
 
+def element_tiers(pattern: Pattern, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Per weight, the tier of its block (DENSE_TIER, NM_TIER, REMOVED_TIER) under a `block:RxC`
+    or `tiers` pattern, from the weights' scores."""
+    if pattern.kind == "tiers":
+        b = pattern.tiers.block
+        return expand_blocks(block_tiers(scores, pattern.tiers, pattern.blocks), b, b)
+    keep = pattern.mask(scores, sparsity, per_row=False)
+    return torch.where(keep, DENSE_TIER, REMOVED_TIER)
+
+
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
                     nm: tuple[int, int] | None = None, blocksize: int = 128,
                     percdamp: float = 0.01, per_row: bool = False,
-                    name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, float]:
+                    name: str = "weight", blocks: Pattern | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Prune a (rows x columns) weight given its Hessian; return (new weight, keep-mask, error).
 
-    The new weight is float32; the error is the reference's sum of (w - q)^2 / U_cc^2 / 2.
+    `blocks`: a `block:RxC` or `tiers` pattern (then `nm` is ignored; the tiers' own N:M applies
+    inside their N:M blocks). The new weight is float32; the error is the reference's sum of
+    (w - q)^2 / U_cc^2 / 2.
     """
     W = weight.detach().float().clone()
     rows, columns = W.shape
@@ -88,6 +113,13 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         raise ValueError(f"SparseGPT: the Hessian of {name} is not positive definite even after "
                          f"dampening {percdamp}; raise options.percdamp or use more calibration "
                          "samples.") from None
+    if blocks is not None and blocks.kind == "tiers":
+        nm = blocks.tiers.nm_args
+    # blocks compared across lazy-update blocks are chosen once, from the weights as given;
+    # block-columns lie inside one, so they are chosen as it is reached, like unstructured masks
+    tiers = None
+    if blocks is not None and blocks.blocks.group != "column":
+        tiers = element_tiers(blocks, W ** 2 / torch.diag(U).unsqueeze(0) ** 2, sparsity)
     keep = torch.ones_like(W, dtype=torch.bool)
     loss = torch.zeros(rows, dtype=torch.float32, device=W.device)
     for i1 in range(0, columns, blocksize):
@@ -97,14 +129,22 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         d1 = torch.diag(U1)
-        if nm is None:
+        in_nm = None  # where N:M groups are chosen as their first column is reached
+        if blocks is not None:
+            tiers1 = tiers[:, i1:i2] if tiers is not None else \
+                element_tiers(blocks, W1 ** 2 / d1.unsqueeze(0) ** 2, sparsity)
+            keep1 = tiers1 != REMOVED_TIER
+            in_nm = tiers1 == NM_TIER if blocks.kind == "tiers" else None
+        elif nm is None:
             keep1 = unstructured_mask(W1 ** 2 / d1.unsqueeze(0) ** 2, sparsity, per_row=per_row)
         else:
             keep1 = torch.ones_like(W1, dtype=torch.bool)
+            in_nm = torch.ones_like(keep1)
         for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
+            if in_nm is not None and i % nm[1] == 0:
                 group = W1[:, i:i + nm[1]] ** 2 / d1[i:i + nm[1]].unsqueeze(0) ** 2
-                keep1[:, i:i + nm[1]] = nm_mask(group, *nm)
+                keep1[:, i:i + nm[1]] = torch.where(in_nm[:, i:i + nm[1]], nm_mask(group, *nm),
+                                                    keep1[:, i:i + nm[1]])
             w = W1[:, i]
             q = w * keep1[:, i]
             Q1[:, i] = q
@@ -120,15 +160,20 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
 
 class SparseGPTPruning(LayerwisePruning):
     Options = SparseGPTOptions
-    patterns = ("unstructured", "nm")
+    patterns = ("unstructured", "nm", "block", "tiers")
 
     def check(self, config) -> None:
         super().check(config)
         options = config.method_options
-        pattern = Pattern.parse(config.pattern)
-        if pattern.kind == "nm" and options.blocksize % pattern.args[1]:
-            raise ValueError(f"options.blocksize {options.blocksize} must be a multiple of M="
-                             f"{pattern.args[1]} of pattern '{config.pattern}'.")
+        pattern = Pattern.of(config)
+        width = pattern.args[1] if pattern.kind == "nm" else (pattern.block_shape or (1, 1))[1]
+        if options.per_row and pattern.kind != "unstructured":
+            raise ValueError(f"options.per_row applies to pattern 'unstructured' only, not "
+                             f"'{config.pattern}'.")
+        if options.blocksize % width:
+            unit = "M" if pattern.kind == "nm" else "the block width"
+            raise ValueError(f"options.blocksize {options.blocksize} must be a multiple of {unit} "
+                             f"{width} of pattern '{config.pattern}'.")
 
     def new_stat(self, linear: nn.Linear) -> Hessian:
         return Hessian(linear.in_features, linear.weight.device)
@@ -137,12 +182,13 @@ class SparseGPTPruning(LayerwisePruning):
                      sparsity: float, options: SparseGPTOptions) -> tuple[torch.Tensor, float]:
         weight = linear.weight
         nm = pattern.args if pattern.kind == "nm" else None
+        blocks = pattern if pattern.block_shape is not None else None
         new, keep, _error = sparsegpt_prune(weight, stat.matrix, sparsity, nm=nm,
                                             blocksize=options.blocksize,
                                             percdamp=options.percdamp, per_row=options.per_row,
-                                            name=name)
+                                            name=name, blocks=blocks)
         weight.copy_(new.to(weight.dtype))
         rows, columns = weight.shape
-        blocks = -(-columns // options.blocksize)
-        slack = blocks * (rows if options.per_row else 1)
+        lazy_blocks = -(-columns // options.blocksize)
+        slack = lazy_blocks * (rows if options.per_row else 1)
         return keep, slack

@@ -11,13 +11,15 @@ prune:
   options:
     variant: false               # the paper's per-row cumulative-score threshold (unstructured)
     tiers: {ratios: [0.35, 0.45, 0.20], nm: "2:4", block: 16}   # pattern: tiers
+    blocks: {group: matrix, normalize: false}   # block:RxC, tiers: or group: row / column
     owl: {M: 5, lambda: 0.08}                                   # layer_ratios: owl
 ```
 
 The score of weight W_ij is |W_ij| * ||X_j||_2, where ||X_j||_2^2 sums the squared inputs of column j
 over every calibration token, divided by the number of calibration sequences (the reference's
 `scaler_row`). Scores are compared within each output row (per-row sparsity) for `unstructured`,
-within each group of M for N:M, and across the layer for whole blocks (`block:BxB`, `tiers`).
+within each group of M for N:M, and for whole blocks (`block:BxB`, `tiers`) across the layer or
+within each block-row or block-column (`options.blocks`, sparselab.prune.options.BlockOptions).
 The statistics of all linears of a decoder layer come from one pass of that still-unpruned layer;
 after pruning it the layer runs again, so the next layer is calibrated on pruned outputs.
 
