@@ -106,6 +106,8 @@ RECOVERY = Registry("recovery method", {
         "LoRA adapters via peft on a frozen sparse base"),
     "dense": ("sparselab.recover.dense:DenseRecovery",
         "fine-tunes every remaining weight; masks keep pruned weights at zero"),
+    "reconstruct": ("sparselab.recover.reconstruct:ReconstructRecovery",
+        "refits each layer's attention and MLP parts to the dense outputs; masks fixed"),
 })
 
 DATASETS = Registry("dataset", {

@@ -77,7 +77,15 @@ class StageRunner:
         parent = stage.parent
         folder = None if parent is None or parent.external else \
             self.cache.root / "stages" / parent.kind.name / parent.key
-        return StageContext(plan.source, out, plan.models, parent, folder, stage.config)
+        return StageContext(plan.source, out, plan.models, parent, folder, stage.config,
+                            read_model=lambda earlier: self.reference_model(earlier, plan))
+
+    def reference_model(self, stage: Stage, plan: CellPlan) -> LoadedModel:
+        """A stage's model read from its entry beside the model in hand (not held: the dense
+        reference a reconstruction compares with); computed first if its entry is missing."""
+        entry = self.ensure(stage, plan)
+        return stage.kind.read(stage.section, entry.path, self._context(stage, plan, entry.path),
+                               lambda: self._take(stage.parent, plan))
 
     def model(self, stage: Stage, plan: CellPlan) -> LoadedModel:
         """The model a stage produced, from memory, from the cache, or computed now."""

@@ -24,6 +24,8 @@ class RecoverContext:
     artifacts: Path
     log: logging.Logger
     step_metrics: list[dict[str, float]] = field(default_factory=list)  # per-step train.loss etc.
+    # the model before pruning, loaded when called (reconstruction's targets); None: unknown
+    dense: Callable[[], LoadedModel] | None = None
 
 
 class RecoveryMethod(abc.ABC):

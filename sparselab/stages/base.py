@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -44,6 +45,9 @@ class StageContext:
     parent: Stage | None = None
     parent_folder: Path | None = None  # the parent's cache entry, where it has one
     keyed: dict[str, Any] | None = None  # the stage's key_config, as its key hashed it
+    # the model of an earlier stage of the lineage (reconstruction's dense reference), read
+    # beside the one in hand; None outside a runner
+    read_model: Callable[[Stage], LoadedModel] | None = None
 
     @property
     def artifacts(self) -> Path:
@@ -51,6 +55,11 @@ class StageContext:
 
     def write_metrics(self, metrics: dict[str, float]) -> None:
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    @property
+    def dense_stage(self) -> Stage | None:
+        """The lineage's first stage: the model before any pruning."""
+        return self.parent.lineage()[0] if self.parent is not None else None
 
     def write_tags(self, tags: dict[str, str]) -> None:
         """Facts that are words, not numbers (which kernel ran, on what): tags of the cell's run."""

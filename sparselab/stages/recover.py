@@ -31,7 +31,10 @@ class RecoverStage(ModelStageKind):
     def compute(self, section: Recover, parent, ctx: StageContext):
         from sparselab.recover.base import RecoverContext
         method = RECOVERY.get(section.method)()
-        method_ctx = RecoverContext(section, ctx.source, ctx.artifacts, log)
+        dense = ctx.dense_stage
+        method_ctx = RecoverContext(section, ctx.source, ctx.artifacts, log, dense=None
+                                    if ctx.read_model is None or dense is None
+                                    else lambda: ctx.read_model(dense))
         if ctx.parent_folder is not None:
             # an adapter records its base by this name: the (pruned) model it was trained on,
             # not the folder the dense weights were first read from
