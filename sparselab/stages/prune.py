@@ -34,7 +34,9 @@ class PruneStage(ModelStageKind):
     def label(self, section: Prune) -> str:
         calibration = f" calib={describe_data(section.calibration.data)}" \
             if PRUNING.get(section.method).needs_calibration else ""
-        return f"prune {section.method} {section.sparsity:g} {section.pattern}{calibration}"
+        blocks = section.options.get("blocks") or {}
+        grouped = "".join(f" {key}={value}" for key, value in blocks.items())
+        return f"prune {section.method} {section.sparsity:g} {section.pattern}{grouped}{calibration}"
 
     def compute(self, section: Prune, parent, ctx: StageContext):
         from sparselab.cache import StageCache
