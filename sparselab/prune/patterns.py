@@ -9,16 +9,20 @@ prune:
   pattern: tiers
   options:
     tiers: {ratios: [0.35, 0.45, 0.20], nm: "2:4", block: 16}
+    blocks: {group: matrix, normalize: false}   # block:RxC and tiers: which blocks compete
 ```
 The weight matrix is cut into `block` x `block` blocks ranked by their summed score: the top
 `ratios[0]` of the blocks stay dense, the next `ratios[1]` get N:M inside the block, the last
 `ratios[2]` are removed. Overall sparsity = ratios[1] * (1 - N/M) + ratios[2]: with the defaults
 0.45 * 0.5 + 0.20 = 0.425 (`prune.sparsity` is not used; the tiers fix it). Block counts per tier
 are rounded to whole blocks (dense and removed rounded to nearest, the N:M tier takes the rest).
+Blocks are ranked across the whole matrix, or within each block-row or block-column
+(`options.blocks`, sparselab.prune.options.BlockOptions); every group then holds its own counts.
 
 After a layer is pruned, `Pattern.verify` checks the invariants and raises `PatternViolation`:
-every pruned weight is zero, N:M holds in every group, removed blocks are all zero, and the share
-of pruned weights equals the target within the rounding of one row / block.
+every pruned weight is zero, N:M holds in every group, removed blocks are all zero, block and tier
+counts are exact in every comparison group, and the share of pruned weights equals the target
+within the rounding of one row.
 """
 from __future__ import annotations
 
