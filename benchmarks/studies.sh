@@ -6,8 +6,13 @@
 #   DATA_DIR=/data benchmarks/studies.sh recovery block_lora
 #   RUN_OPTIONS="--executor ray --max-concurrent 2" benchmarks/studies.sh   # cells side by side
 # Wall time, the command and the machine of each invocation go to docs/results/<study>.log.txt.
+# The study imports sparselab from this checkout (PYTHONPATH, inherited by Ray's workers), not from
+# wherever `pip install -e` points: run it from its own worktree, and editing the working copy while
+# it runs cannot hand its workers half-changed code (a lazy import mid-study would see the edit):
+#   git worktree add ../study HEAD && SPARSELAB_HOME=$PWD/.sparselab ../study/benchmarks/studies.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DATA_DIR="${DATA_DIR:-../shared/data}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
 studies=("$@")
