@@ -156,7 +156,6 @@ class ReconstructRecovery(RecoveryMethod):
             param.requires_grad_(False)
         pruned = {name: linear.weight == 0 for name, linear in linear_modules(model).items()}
         generator = torch.Generator().manual_seed(cfg.seed or 0)
-        torch.manual_seed(cfg.seed or 0)
         captured = capture_layer_inputs(dense, calib.input_ids)
         inputs, kwargs = captured.hidden.float(), captured.kwargs
         layers, dense_layers = decoder_layers(model), decoder_layers(dense)
