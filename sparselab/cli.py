@@ -81,6 +81,45 @@ _only = click.option("--only", help="Comma-separated cell or experiment names.")
 _set = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                     help="Dotted override applied to every cell (repeatable).")
 _data_dir = click.option("--data-dir", help="Folder laid out like ../shared/data, or 'builtin'.")
+_device_memory = click.option(
+    "--device-memory", metavar="SIZE",
+    help="The accelerator's memory (80GiB, 24GB): stages predicted not to fit are refused before "
+         "anything loads. Default for run: the visible GPU's; on a CPU, no limit.")
+_onload = click.option(
+    "--onload", is_flag=True,
+    help="Keep the weights on the host and move one decoder layer at a time to the accelerator "
+         "(pruning walks, perplexity, answer losses, lm-eval tasks): a model larger than the "
+         "accelerator runs, with the same results.")
+
+
+def _memory_limit(device_memory: str | None, detect: bool) -> tuple[int | None, str]:
+    """(bytes, what they are) from --device-memory, else the visible GPU's when `detect`."""
+    from sparselab.footprint import parse_size
+    if device_memory is not None:
+        try:
+            return parse_size(device_memory), "--device-memory"
+        except ValueError as exc:
+            raise UserError(str(exc), key="--device-memory") from None
+    if detect and os.environ.get("SPARSELAB_DEVICE", "cuda").startswith("cuda"):
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
+    return None, ""
+
+
+def _memory_rows(plans, onload: bool, cache=None):
+    """Predicted peaks of the distinct stages (those still to run, given a cache)."""
+    from sparselab.footprint import matrix_memory
+    from sparselab.stages import stage_status
+    if cache is not None:
+        plans = [p for p in plans if any(stage_status(s, cache) == "to run"
+                                         for _, s in p.roles())]
+    rows = matrix_memory(plans, onload)
+    if cache is not None:
+        to_run = {s.label for p in plans for _, s in p.roles()
+                  if stage_status(s, cache) == "to run"}
+        rows = [r for r in rows if r.label in to_run]
+    return rows
 
 
 def _limits(command):
@@ -124,9 +163,12 @@ def validate(matrices, sets, data_dir, limits) -> None:
 @_only
 @_set
 @_data_dir
+@_device_memory
+@_onload
 @_limits
-def plan(matrix, only, sets, data_dir, limits) -> None:
-    """List the cells, the stages each needs, which are shared and which are cached."""
+def plan(matrix, only, sets, data_dir, device_memory, onload, limits) -> None:
+    """List the cells, the stages each needs, which are shared and which are cached, and each
+    distinct stage's predicted peak memory (refused, exit 2, if over --device-memory)."""
     from sparselab.cache import StageCache
     from sparselab.stages import kinds, stage_status
     mf, plans = prepare_plans(matrix, only, sets, data_dir, limits)
@@ -155,6 +197,36 @@ def plan(matrix, only, sets, data_dir, limits) -> None:
         if kind.name in distinct:
             console.print(f"{kind.name}: {len(distinct[kind.name])} distinct, "
                           f"{cached[kind.name]} cached or external")
+    _print_memory(matrix, plans, onload, device_memory)
+
+
+def _print_memory(matrix: str, plans, onload: bool, device_memory: str | None) -> None:
+    from sparselab.footprint import HEADROOM, gib, refuse_unfit
+    limit, what = _memory_limit(device_memory, detect=False)
+    rows = _memory_rows(plans, onload)
+    table = Table(title="predicted peak memory per distinct stage"
+                  + (" (--onload)" if onload else ""))
+    for column in ("cell", "stage", "accelerator", "host", "largest terms"):
+        table.add_column(column)
+    alike: Counter = Counter((r.label, r.need.device if r.need else None) for r in rows)
+    shown = set()
+    for row in rows:
+        same = (row.label, row.need.device if row.need else None)
+        if same in shown:  # the same stage of another lineage: one row, counted
+            continue
+        shown.add(same)
+        cell = row.cell + (f" +{alike[same] - 1}" if alike[same] > 1 else "")
+        if row.need is None:
+            table.add_row(cell, row.label, "?", "?", "not predicted (no model config here)")
+            continue
+        over = limit is not None and row.need.device > limit * HEADROOM
+        device = gib(row.need.device) + (" onloaded" if row.onloaded else "")
+        table.add_row(cell, row.label, f"[red]{device}[/]" if over else device,
+                      gib(row.need.host), row.need.largest(3))
+    console.print(table)
+    if limit is not None:
+        refuse_unfit(rows, limit, what, matrix)
+        console.print(f"[green]fits[/] {gib(limit)} ({what}), {HEADROOM:.0%} of it usable")
 
 
 @main.command()
@@ -174,12 +246,14 @@ def plan(matrix, only, sets, data_dir, limits) -> None:
               help="At most this many Ray tasks at once (default: as resources allow).")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
               help="Retry a Ray task whose worker died this many times.")
+@_device_memory
+@_onload
 @_limits
 @click.option("-v", "--verbose", is_flag=True,
               help="Log stage details and show the libraries' own output (same as sparselab -v).")
 @click.pass_obj
 def run(obj, verbose, matrix, only, sets, data_dir, rerun, executor, address, cpus_per_cell,
-        gpus_per_cell, max_concurrent, retries, limits) -> None:
+        gpus_per_cell, max_concurrent, retries, device_memory, onload, limits) -> None:
     """Run the matrix: one MLflow child run per cell under one parent run.
 
     The terminal shows sparselab's progress; the libraries' warnings and progress bars go to
@@ -211,6 +285,12 @@ def run(obj, verbose, matrix, only, sets, data_dir, rerun, executor, address, cp
                         "at a time in this process).", key="--executor")
     mf, plans = prepare_plans(matrix, only, sets, data_dir, limits)
     cache = StageCache()
+    limit, what = _memory_limit(device_memory, detect=True)
+    if limit is not None:  # before any model loads
+        from sparselab.footprint import refuse_unfit
+        refuse_unfit(_memory_rows(plans, onload, cache), limit, what, matrix)
+    if onload:  # read by the stages, here and in Ray's workers
+        os.environ["SPARSELAB_ONLOAD"] = "1"
     cache.gc(older_than_s=math.inf)  # only what dead writers on this host left half-written
     runner = (RayExecutor(cache, address, cpus_per_cell, gpus_per_cell, max_concurrent, retries)
               if executor == "ray" else LocalExecutor(cache, quiet=not verbose))

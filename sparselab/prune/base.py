@@ -64,6 +64,15 @@ class PruningMethod(abc.ABC):
     def check_model(self, config: Prune, model_config) -> None:
         """Validation that needs the model's shape (its config, no weights); ValueError if bad."""
 
+    def memory(self, config: Prune, m):
+        """Predicted peak (sparselab.footprint): the model and one linear's mask at a time,
+        as magnitude-style methods hold; layer-wise methods add their walk."""
+        from sparselab.footprint import Need, mask_working
+        s = m.shape
+        pruned = config.sparsity
+        work = max(mask_working(o, i, pruned) for o, i in s.linears().values())
+        return Need.of({"weights": m.weights, "mask": work}, 0, m)
+
     @abc.abstractmethod
     def prune(self, loaded: LoadedModel, ctx: PruneContext) -> dict[str, float]:
         """Prune `loaded.model` in place; return extra metrics (may be empty)."""

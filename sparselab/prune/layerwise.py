@@ -74,6 +74,31 @@ class LayerwisePruning(PruningMethod):
     def check_model(self, config, model_config) -> None:
         check_against_model(config, Pattern.of(config), model_config)
 
+    def memory(self, config, m):
+        from sparselab.footprint import walk_need
+        linears = m.shape.linears()
+        seqlen = config.calibration.seqlen
+        widest = max(i for _, i in linears.values())
+        return walk_need(m, config.calibration.samples, seqlen,
+                         {name: self.stat_bytes(i) for name, (_, i) in linears.items()},
+                         {name: self.working_bytes(o, i, config, m)
+                          for name, (o, i) in linears.items()},
+                         self.increment_bytes(seqlen, widest, m))
+
+    def stat_bytes(self, inputs: int) -> int:
+        """Bytes of one linear's statistics (`new_stat`) for `inputs` input features."""
+        return inputs * 4
+
+    def increment_bytes(self, seqlen: int, inputs: int, m) -> int:
+        """Transient bytes of one sample's statistics increment: its inputs as float32 and
+        their squares."""
+        return 2 * seqlen * inputs * 4
+
+    def working_bytes(self, out: int, inputs: int, config, m) -> int:
+        """Transient bytes of `prune_linear` on an (out x inputs) linear."""
+        from sparselab.footprint import mask_working
+        return mask_working(out, inputs, config.sparsity)
+
     @abc.abstractmethod
     def new_stat(self, linear: nn.Linear):
         """A fresh accumulator of this method's input statistics for one linear layer."""

@@ -36,6 +36,10 @@ class RecoveryMethod(abc.ABC):
         """Cheap validation before any model loads; raise ValueError with a clear message.
         `linear_names` are the model's linear module names where known."""
 
+    def memory(self, config: Recover, m):
+        """Predicted peak (sparselab.footprint.training_need); None: not predicted."""
+        return None
+
     @abc.abstractmethod
     def recover(self, loaded: LoadedModel, ctx: RecoverContext) -> tuple[LoadedModel, dict]:
         """Fine-tune; return the recovered model and its metrics."""

@@ -27,6 +27,15 @@ class SparsityLost(RuntimeError):
 class DenseRecovery(RecoveryMethod):
     needs_pruned_parent = True
 
+    def memory(self, config, m):
+        """Every parameter trains; one byte per prunable weight keeps its mask."""
+        from sparselab.footprint import saved_per_token, training_need
+        s = m.shape
+        masks = s.layers * sum(o * i for o, i in s.linears().values())
+        return training_need(m, config.train, s.params,
+                             saved_per_token(m, config.train.precision, {}, full=True),
+                             {"masks": masks})
+
     def recover(self, loaded: LoadedModel, ctx: RecoverContext) -> tuple[LoadedModel, dict]:
         model = loaded.model
         for param in model.parameters():

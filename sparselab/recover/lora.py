@@ -46,6 +46,15 @@ class LoraRecovery(RecoveryMethod):
                              f"model; valid: {', '.join(sorted(linear_names))}, or the groups "
                              "attention, mlp, all.")
 
+    def memory(self, config: Recover, m):
+        from sparselab.footprint import saved_per_token, training_need
+        shapes = m.shape.linears()
+        targets = [t for t in resolve_targets(config.lora.targets) if t in shapes]
+        trainable = m.shape.layers * sum(config.lora.r * sum(shapes[t]) for t in targets)
+        dropped = {t: shapes[t][1] for t in targets} if config.lora.dropout > 0 else {}
+        return training_need(m, config.train, trainable,
+                             saved_per_token(m, config.train.precision, dropped, full=False))
+
     def recover(self, loaded: LoadedModel, ctx: RecoverContext) -> tuple[LoadedModel, dict]:
         import torch
         from peft import LoraConfig, get_peft_model

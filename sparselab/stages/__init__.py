@@ -42,7 +42,7 @@ from sparselab.stages.speed import SpeedStage
 from sparselab.stages.tasks import TasksStage
 
 __all__ = ["CellPlan", "ModelSection", "ModelStageKind", "Stage", "StageContext", "StageKind",
-           "kinds", "plan_cell", "register_evaluation", "stage_status", "unregister_evaluation"]
+           "kind_named", "kinds", "plan_cell", "register_evaluation", "stage_status", "unregister_evaluation"]
 
 LOAD, PRUNE, RECOVER = LoadStage(), PruneStage(), RecoverStage()
 MODEL_CHAIN: tuple[ModelStageKind, ...] = (LOAD, PRUNE, RECOVER)
@@ -55,6 +55,11 @@ PRUNED_ROLE = "perplexity_pruned"  # the pruned model's perplexity, before any r
 def kinds() -> list[StageKind]:
     """Every stage kind, in the order a cell runs them."""
     return [*MODEL_CHAIN, *_EVALUATIONS.values()]
+
+
+def kind_named(role: str) -> StageKind:
+    """The kind of a role in `CellPlan.roles` (a kind's name, or the pruned perplexity)."""
+    return PERPLEXITY if role == PRUNED_ROLE else next(k for k in kinds() if k.name == role)
 
 
 def register_evaluation(kind: StageKind, section: type[BaseModel]) -> None:

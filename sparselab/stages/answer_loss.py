@@ -12,6 +12,8 @@ class AnswerLossStage(StageKind):
     # 2: the answer text and its eos scored apart; 3: per-example scores; 4: float64 loss
     name = "answer_loss"
     version = 4
+    onloads = True
+    memory_hint = "lower evaluate.answer_loss.batch_size or seqlen, or run with --onload"
 
     def section_of(self, cell: CellConfig) -> AnswerLoss | None:
         return cell.evaluate.answer_loss
@@ -21,6 +23,11 @@ class AnswerLossStage(StageKind):
 
     def label(self, section: AnswerLoss) -> str:
         return f"answer loss {','.join(section.data)} limit={section.limit}"
+
+    def memory(self, section: AnswerLoss, m):
+        """At most: batches padded to `seqlen` (most are shorter)."""
+        from sparselab.footprint import scoring_need
+        return scoring_need(m, section.batch_size, section.seqlen)
 
     def compute(self, section: AnswerLoss, parent, ctx: StageContext) -> None:
         from sparselab.evaluate.answer_loss import example_losses, summarise

@@ -21,6 +21,7 @@ from sparselab.data.catalog import DataSource
 from sparselab.matrix import CellConfig, DataRef
 
 if TYPE_CHECKING:
+    from sparselab.footprint import MemoryContext, Need
     from sparselab.models import LoadedModel
 
 
@@ -72,6 +73,10 @@ class StageKind(abc.ABC):
     name: ClassVar[str]
     version: ClassVar[int]
     produces_model: ClassVar[bool] = False
+    # whether `--onload` keeps its weights on the host, one decoder layer on the accelerator
+    onloads: ClassVar[bool] = False
+    # what to change when the memory plan says the stage does not fit
+    memory_hint: ClassVar[str] = "use a device with more memory"
 
     @property
     def time_metric(self) -> str:
@@ -93,6 +98,10 @@ class StageKind(abc.ABC):
     @abc.abstractmethod
     def label(self, section: BaseModel) -> str:
         """One line for `sparselab plan` and the progress bar."""
+
+    def memory(self, section: BaseModel, m: MemoryContext) -> Need | None:
+        """The stage's predicted peak memory (sparselab.footprint); None: not predicted."""
+        return None
 
     @abc.abstractmethod
     def compute(self, section: BaseModel, parent: LoadedModel | None,

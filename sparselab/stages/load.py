@@ -10,6 +10,9 @@ from sparselab.stages.base import ModelSection, ModelStageKind, StageContext
 class LoadStage(ModelStageKind):
     name = "load"
     version = 1
+    onloads = True
+    memory_hint = ("run with --onload (the weights stay on the host, one decoder layer at a "
+                   "time on the device), or use dtype bfloat16 if it is float32")
 
     def section_of(self, cell: CellConfig) -> ModelSection:
         return ModelSection.of(cell)
@@ -25,21 +28,23 @@ class LoadStage(ModelStageKind):
     def label(self, section: ModelSection) -> str:
         return f"load {section.model} ({section.dtype})"
 
+    def memory(self, section: ModelSection, m):
+        from sparselab.footprint import Need
+        return Need.of({"weights": 0 if m.onload else m.weights}, m.weights, m)
+
     def is_external(self, section: ModelSection) -> bool:
         """A hub id or a folder is loaded where it is: nothing is stored."""
         from sparselab.models import model_source
         return not model_source(section.model).needs_build
 
     def compute(self, section: ModelSection, parent: None, ctx: StageContext):
-        from sparselab.models import load_model, model_source, save_model
+        from sparselab.models import load_model, model_source
         from sparselab.prune.layers import sparsity_report
         if self.is_external(section):
             loaded = self.read(section, ctx.out, ctx, None)
         else:
-            model_source(section.model).build(ctx.out / "model")
+            model_source(section.model).build(ctx.out / "model", section.dtype)
             loaded = load_model(ctx.out / "model", dtype=section.dtype)
-            if section.dtype != "float32":  # store in the dtype the cell asked for
-                save_model(loaded, ctx.out / "model")
         ctx.write_metrics(sparsity_report(loaded.model)[1])
         return loaded
 

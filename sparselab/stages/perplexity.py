@@ -10,6 +10,9 @@ class PerplexityStage(StageKind):
     # 4: float64 loss, the tokenizer's own special tokens (3: per-window scores kept)
     name = "perplexity"
     version = 4
+    onloads = True
+    memory_hint = ("lower evaluate.perplexity.batch_size (its logits are batch x seqlen x "
+                   "vocabulary), or run with --onload")
 
     def section_of(self, cell: CellConfig) -> Perplexity | None:
         return cell.evaluate.perplexity
@@ -19,6 +22,10 @@ class PerplexityStage(StageKind):
 
     def label(self, section: Perplexity) -> str:
         return f"perplexity {section.data} seqlen={section.seqlen}"
+
+    def memory(self, section: Perplexity, m):
+        from sparselab.footprint import scoring_need
+        return scoring_need(m, section.batch_size, section.seqlen)
 
     def compute(self, section: Perplexity, parent, ctx: StageContext) -> None:
         from sparselab.evaluate.examples import ExampleScores, example_id, fingerprint

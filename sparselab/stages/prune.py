@@ -14,6 +14,9 @@ log = logging.getLogger("sparselab")
 class PruneStage(ModelStageKind):
     name = "prune"
     version = 1
+    onloads = True
+    memory_hint = ("run with --onload, or lower prune.calibration.samples or "
+                   "prune.calibration.seqlen")
 
     def section_of(self, cell: CellConfig) -> Prune:
         return cell.prune
@@ -37,6 +40,9 @@ class PruneStage(ModelStageKind):
         blocks = section.options.get("blocks") or {}
         grouped = "".join(f" {key}={value}" for key, value in blocks.items())
         return f"prune {section.method} {section.sparsity:g} {section.pattern}{grouped}{calibration}"
+
+    def memory(self, section: Prune, m):
+        return PRUNING.get(section.method)().memory(section, m)
 
     def compute(self, section: Prune, parent, ctx: StageContext):
         from sparselab.cache import StageCache

@@ -15,6 +15,9 @@ class RecoverStage(ModelStageKind):
     # 2: the LoRA initialisation is seeded
     name = "recover"
     version = 2
+    memory_hint = ("lower recover.train.batch_size (raise grad_accum to keep the batch) or "
+                   "recover.train.seqlen, or train in bf16; dense recovery holds AdamW's two "
+                   "moments of every weight, LoRA only of its adapters")
 
     def section_of(self, cell: CellConfig) -> Recover:
         return cell.recover
@@ -27,6 +30,9 @@ class RecoverStage(ModelStageKind):
 
     def label(self, section: Recover) -> str:
         return f"recover {section.method} on {describe_data(section.data)}"
+
+    def memory(self, section: Recover, m):
+        return RECOVERY.get(section.method)().memory(section, m)
 
     def compute(self, section: Recover, parent, ctx: StageContext):
         from sparselab.recover.base import RecoverContext

@@ -10,6 +10,8 @@ class TasksStage(StageKind):
     # 2: per-example scores kept; 3: SQuAD v2 under lm-eval's rules plus the abstention variant
     name = "tasks"
     version = 3
+    onloads = True
+    memory_hint = "lower evaluate.batch_size, or run with --onload"
 
     def section_of(self, cell: CellConfig) -> TaskSettings | None:
         if not cell.evaluate.tasks:
@@ -19,6 +21,19 @@ class TasksStage(StageKind):
 
     def label(self, section: TaskSettings) -> str:
         return f"tasks {','.join(section.tasks)} limit={section.limit}"
+
+    def memory(self, section: TaskSettings, m):
+        """lm-eval's batches: for log-likelihoods, the logits and their log-softmax in the
+        model's dtype; for generation, the KV cache; prompts assumed up to `TASK_CONTEXT`
+        tokens (the data decides: the plan cannot read it)."""
+        from sparselab.footprint import TASK_CONTEXT, Need
+        s, batch = m.shape, section.batch_size
+        scoring = 2 * batch * TASK_CONTEXT * s.vocab * m.bytes
+        kv_cache = (batch * (TASK_CONTEXT + 256) * s.layers * 2 * s.kv_heads * s.head_dim
+                    * m.bytes)
+        return Need.of({"weights": m.resident_weights,
+                        f"logits of {TASK_CONTEXT}-token prompts": max(scoring, kv_cache)},
+                       m.weights if m.onload else 0, m)
 
     def compute(self, section: TaskSettings, parent, ctx: StageContext) -> None:
         from sparselab.evaluate.harness import evaluate_tasks

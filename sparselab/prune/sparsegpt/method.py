@@ -175,6 +175,17 @@ class SparseGPTPruning(LayerwisePruning):
             raise ValueError(f"options.blocksize {options.blocksize} must be a multiple of {unit} "
                              f"{width} of pattern '{config.pattern}'.")
 
+    def stat_bytes(self, inputs: int) -> int:
+        return inputs * inputs * 4  # the float32 Hessian
+
+    def increment_bytes(self, seqlen: int, inputs: int, m) -> int:
+        return seqlen * inputs * 4 + inputs * inputs * 4  # float32 inputs, X^T X
+
+    def working_bytes(self, out: int, inputs: int, config, m) -> int:
+        """The Hessian's copy, its Cholesky factor and inverse (three at once), the float32
+        weight and its update, the mask and the result in the model's dtype."""
+        return 3 * inputs * inputs * 4 + out * inputs * (4 + 4 + 1 + m.bytes)
+
     def new_stat(self, linear: nn.Linear) -> Hessian:
         return Hessian(linear.in_features, linear.weight.device)
 
