@@ -254,7 +254,7 @@ def matrix_memory(plans, onload: bool) -> list[StageMemory]:
             if stage.key in seen:
                 continue
             seen.add(stage.key)
-            onloaded = onload and stage.kind.onloads
+            onloaded = onload and stage.kind.onloads_for(stage.section)
             need = None if shape is None else \
                 stage.kind.memory(stage.section, MemoryContext(shape, cfg.dtype, onloaded))
             rows.append(StageMemory(plan.cell.name, role, stage.label, need, onloaded))

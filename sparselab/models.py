@@ -261,7 +261,7 @@ def load_model(path: str | Path, dtype: str = "float32",
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        return LoadedModel(model.to(compute_device()), tokenizer)
+        return LoadedModel(model.to(weights_device()), tokenizer)
     from sparselab.shapes import load_shaped  # per-layer shapes of structured pruning
     model = load_shaped(path, kwargs["dtype"], trust_remote_code)
     if model is None:
@@ -270,7 +270,13 @@ def load_model(path: str | Path, dtype: str = "float32",
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return LoadedModel(model.to(compute_device()), tokenizer)
+    return LoadedModel(model.to(weights_device()), tokenizer)
+
+
+def weights_device() -> str:
+    """Where a loaded model's weights are kept: the host under `--onload` (sparselab.onload)."""
+    from sparselab.onload import weights_device
+    return weights_device()
 
 
 def compute_device() -> str:

@@ -61,8 +61,11 @@ class StageRunner:
                     "parent": stage.parent.key if stage.parent else None}
             with self.cache.writing(kind.name, stage.key, meta) as out:
                 start = time.perf_counter()
-                produced = kind.compute(stage.section, parent_model,
-                                        self._context(stage, plan, out))
+                from sparselab.onload import placed
+                whole = parent_model is not None and not kind.onloads_for(stage.section)
+                with placed(parent_model.model if whole else None, whole):
+                    produced = kind.compute(stage.section, parent_model,
+                                            self._context(stage, plan, out))
                 metrics = json.loads((out / "metrics.json").read_text()) \
                     if (out / "metrics.json").is_file() else {}
                 metrics[kind.time_metric] = time.perf_counter() - start

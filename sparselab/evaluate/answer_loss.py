@@ -37,7 +37,8 @@ def example_losses(model, tokenizer, examples: list[tuple[str, str]], seqlen: in
     rendered = [task_example(tokenizer, prompt, answer, seqlen) for prompt, answer in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
-    device = next(model.parameters()).device
+    from sparselab.onload import execution_device
+    device = execution_device(model)
     losses: dict[str, dict[int, float]] = {name: {} for name in SCORES}
     tokens = 0
     for start in range(0, len(rendered), batch_size):

@@ -228,6 +228,9 @@ def run_lm_eval(loaded, tasks: list[str], include_path: Path, *, num_fewshot: in
     cap = {"max_gen_toks": int(gen_kwargs["max_gen_toks"])} \
         if gen_kwargs and "max_gen_toks" in gen_kwargs else {}
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, **cap)
+    from sparselab.onload import execution_device, onloading
+    if onloading():  # HFLM takes its device from the weights, which stay on the host
+        lm._device = execution_device(loaded.model)
     chosen = None
     if sample == "random" and limit is not None:
         from lm_eval.tasks import get_task_dict

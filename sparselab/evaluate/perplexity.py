@@ -45,7 +45,8 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def window_losses(model, windows: torch.Tensor, batch_size: int = 4) -> list[float]:
     """The mean next-token loss of each window, in order (the per-example scores of perplexity)."""
-    device = next(model.parameters()).device
+    from sparselab.onload import execution_device
+    device = execution_device(model)
     window_nll = []
     for start in range(0, len(windows), batch_size):
         batch = windows[start:start + batch_size].to(device)

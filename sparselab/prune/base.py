@@ -39,6 +39,7 @@ class PruningMethod(abc.ABC):
     patterns: tuple[str, ...] = ("unstructured", "nm", "block")
     needs_calibration = False  # when False, calibration settings do not enter the stage key
     passes_through = False  # True: the model comes out as it went in (no prune stage at all)
+    onloads = False  # True: works layer by layer under --onload (sparselab.onload)
 
     def check(self, config: Prune) -> None:
         """Cheap validation before any model loads; raise ValueError with a clear message."""

@@ -62,6 +62,7 @@ class LayerwisePruning(PruningMethod):
     layer's inputs. Layers in `skip_layers` only pass their inputs on.
     """
     needs_calibration = True
+    onloads = True
 
     def check(self, config) -> None:
         super().check(config)

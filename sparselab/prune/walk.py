@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparselab.onload import execution_device, outer_modules, visiting
 from sparselab.shapes import decoder_layers
 
 
@@ -30,15 +31,12 @@ class LayerInputs:
     kwargs: dict[str, Any]  # attention_mask, position_ids, position_embeddings, ...
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> LayerInputs:
-    """Run the model up to its first decoder layer for every sample and keep what that layer got."""
+    """Run the model up to its first decoder layer for every sample and keep what that layer got
+    (onloading: with the modules before the layers on the accelerator meanwhile)."""
     layers = decoder_layers(model)
-    device = model_device(model)
+    device = execution_device(model)
     hidden: torch.Tensor | None = None
     caught: dict[str, Any] = {}
 
@@ -53,18 +51,19 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> LayerInpu
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        for index in range(input_ids.shape[0]):
-            try:
-                model(input_ids=input_ids[index:index + 1].to(device), use_cache=False)
-            except _StopForward:
-                pass
-            else:  # pragma: no cover - the hook always fires
-                raise RuntimeError("the first decoder layer was never called")
-            state = caught.pop("hidden")
-            if hidden is None:
-                hidden = torch.empty((input_ids.shape[0], *state.shape[1:]), dtype=state.dtype,
-                                     device=state.device)
-            hidden[index] = state[0]
+        with visiting(outer_modules(model), device):
+            for index in range(input_ids.shape[0]):
+                try:
+                    model(input_ids=input_ids[index:index + 1].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+                else:  # pragma: no cover - the hook always fires
+                    raise RuntimeError("the first decoder layer was never called")
+                state = caught.pop("hidden")
+                if hidden is None:
+                    hidden = torch.empty((input_ids.shape[0], *state.shape[1:]),
+                                         dtype=state.dtype, device=state.device)
+                hidden[index] = state[0]
     finally:
         handle.remove()
     return LayerInputs(hidden, caught["kwargs"])
@@ -120,17 +119,20 @@ def record_inputs(linears: dict[str, nn.Module], stats: dict[str, Any]) -> Itera
 def walk_layers(model: nn.Module, input_ids: torch.Tensor
                 ) -> Iterator[tuple[int, nn.Module, LayerInputs]]:
     """Yield (index, layer, its inputs) in order; after each step the (possibly just pruned) layer
-    is run on those inputs, and its outputs become the next layer's inputs."""
+    is run on those inputs, and its outputs become the next layer's inputs. Onloading
+    (sparselab.onload): each layer is on the accelerator from its step to its forward."""
     layers = decoder_layers(model)
     use_cache, training = getattr(model.config, "use_cache", None), model.training
     model.config.use_cache = False
     model.eval()  # no dropout in the statistics
     try:
         inputs = capture_layer_inputs(model, input_ids)
+        device = inputs.hidden.device
         for index, layer in enumerate(layers):
-            yield index, layer, inputs
-            if index + 1 < len(layers):
-                run_layer(layer, inputs, update=True)
+            with visiting([layer], device):  # onloading: this layer on the accelerator
+                yield index, layer, inputs
+                if index + 1 < len(layers):
+                    run_layer(layer, inputs, update=True)
     finally:
         model.config.use_cache = use_cache
         model.train(training)

@@ -31,6 +31,7 @@ class RecoverContext:
 class RecoveryMethod(abc.ABC):
     needs_pruned_parent = False  # dense recovery needs the mask a pruning left
     passes_through = False  # True: the model comes out as it went in (no recover stage at all)
+    onloads = False  # True: works layer by layer under --onload (sparselab.onload)
 
     def check(self, config: Recover, linear_names: set[str] | None = None) -> None:
         """Cheap validation before any model loads; raise ValueError with a clear message.

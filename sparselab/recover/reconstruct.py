@@ -134,8 +134,10 @@ def fit_part(layer: nn.Module, part: str, inputs: torch.Tensor, targets: torch.T
 
 class ReconstructRecovery(RecoveryMethod):
     needs_pruned_parent = True
+    onloads = True  # layer by layer: the pair of layers being fitted visits the accelerator
 
     def recover(self, loaded: LoadedModel, ctx: RecoverContext) -> tuple[LoadedModel, dict]:
+        from sparselab.onload import visiting
         from sparselab.prune.calibration import calibration_set
         from sparselab.prune.walk import capture_layer_inputs
         if ctx.dense is None:
@@ -161,26 +163,27 @@ class ReconstructRecovery(RecoveryMethod):
         layers, dense_layers = decoder_layers(model), decoder_layers(dense)
         rows, steps = ["layer,part,mse_before,mse_after"], 0
         before, after = [], []
-        device = next(model.parameters()).device
+        device = inputs.device  # the accelerator, also when onloading
         start = time.perf_counter()
         with PeakMemory(device) as memory:
             for index, (layer, dense_layer) in enumerate(zip(layers, dense_layers)):
                 progress.report(index, len(layers), "layers")
                 dtype = next(layer.parameters()).dtype
-                layer.float()
-                for part in PARTS:
-                    function = part_function(part)
-                    targets = apply(function, dense_layer, inputs, kwargs, cfg.batch_size)
-                    error = output_error(function, layer, inputs, targets, kwargs,
-                                         cfg.batch_size)
-                    steps += fit_part(layer, part, inputs, targets, kwargs, cfg, generator)
-                    fitted = output_error(function, layer, inputs, targets, kwargs,
-                                          cfg.batch_size)
-                    rows.append(f"{index},{part},{error:.6g},{fitted:.6g}")
-                    before.append(error)
-                    after.append(fitted)
-                    inputs = targets  # the next part's input: the dense activation there
-                layer.to(dtype)
+                with visiting([layer, dense_layer], device):  # onloading: this pair only
+                    layer.float()
+                    for part in PARTS:
+                        function = part_function(part)
+                        targets = apply(function, dense_layer, inputs, kwargs, cfg.batch_size)
+                        error = output_error(function, layer, inputs, targets, kwargs,
+                                             cfg.batch_size)
+                        steps += fit_part(layer, part, inputs, targets, kwargs, cfg, generator)
+                        fitted = output_error(function, layer, inputs, targets, kwargs,
+                                              cfg.batch_size)
+                        rows.append(f"{index},{part},{error:.6g},{fitted:.6g}")
+                        before.append(error)
+                        after.append(fitted)
+                        inputs = targets  # the next part's input: the dense activation there
+                    layer.to(dtype)
         elapsed = time.perf_counter() - start
         del dense
         revived = [name for name, linear in linear_modules(model).items()

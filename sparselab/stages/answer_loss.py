@@ -32,6 +32,7 @@ class AnswerLossStage(StageKind):
     def compute(self, section: AnswerLoss, parent, ctx: StageContext) -> None:
         from sparselab.evaluate.answer_loss import example_losses, summarise
         from sparselab.evaluate.examples import ExampleScores, example_id, fingerprint
+        from sparselab.onload import streamed
         metrics = {}
         scores = ExampleScores()
         for name in section.data:
@@ -39,8 +40,9 @@ class AnswerLossStage(StageKind):
             split = dataset.examples(ctx.source, dataset.eval_split)
             indices = sample_indices(len(split), section.limit, section.sample, section.seed)
             examples = [split[i] for i in indices]
-            losses, tokens = example_losses(parent.model, parent.tokenizer, examples,
-                                            section.seqlen, section.batch_size)
+            with streamed(parent.model):
+                losses, tokens = example_losses(parent.model, parent.tokenizer, examples,
+                                                section.seqlen, section.batch_size)
             metrics.update({f"{name}.{key}": value
                             for key, value in summarise(losses, tokens).items()})
             scored = fingerprint(json.dumps(examples).encode())

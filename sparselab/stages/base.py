@@ -99,6 +99,11 @@ class StageKind(abc.ABC):
     def label(self, section: BaseModel) -> str:
         """One line for `sparselab plan` and the progress bar."""
 
+    def onloads_for(self, section: BaseModel) -> bool:
+        """Whether this stage, with this section, keeps the weights on the host under --onload
+        (else the whole model visits the accelerator for it: sparselab.onload.placed)."""
+        return self.onloads
+
     def memory(self, section: BaseModel, m: MemoryContext) -> Need | None:
         """The stage's predicted peak memory (sparselab.footprint); None: not predicted."""
         return None

@@ -30,10 +30,12 @@ class PerplexityStage(StageKind):
     def compute(self, section: Perplexity, parent, ctx: StageContext) -> None:
         from sparselab.evaluate.examples import ExampleScores, example_id, fingerprint
         from sparselab.evaluate.perplexity import summarise, window_losses, windows_of
+        from sparselab.onload import streamed
         dataset = DATASETS.get(section.data)()
         text = dataset.text(ctx.source, dataset.eval_split)
         windows = windows_of(parent.tokenizer, text, section.seqlen, section.max_windows)
-        nll = window_losses(parent.model, windows, section.batch_size)
+        with streamed(parent.model):
+            nll = window_losses(parent.model, windows, section.batch_size)
         scores = ExampleScores()
         scores.add(f"{section.data}.ppl",
                    (example_id(section.data, "window", i) for i in range(len(nll))),

@@ -41,6 +41,9 @@ class PruneStage(ModelStageKind):
         grouped = "".join(f" {key}={value}" for key, value in blocks.items())
         return f"prune {section.method} {section.sparsity:g} {section.pattern}{grouped}{calibration}"
 
+    def onloads_for(self, section: Prune) -> bool:
+        return PRUNING.get(section.method).onloads
+
     def memory(self, section: Prune, m):
         return PRUNING.get(section.method)().memory(section, m)
 

@@ -31,6 +31,9 @@ class RecoverStage(ModelStageKind):
     def label(self, section: Recover) -> str:
         return f"recover {section.method} on {describe_data(section.data)}"
 
+    def onloads_for(self, section: Recover) -> bool:
+        return RECOVERY.get(section.method).onloads
+
     def memory(self, section: Recover, m):
         return RECOVERY.get(section.method)().memory(section, m)
 

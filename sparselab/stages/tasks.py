@@ -37,4 +37,6 @@ class TasksStage(StageKind):
 
     def compute(self, section: TaskSettings, parent, ctx: StageContext) -> None:
         from sparselab.evaluate.harness import evaluate_tasks
-        ctx.write_metrics(evaluate_tasks(parent, section, ctx.source, ctx.artifacts))
+        from sparselab.onload import streamed
+        with streamed(parent.model):
+            ctx.write_metrics(evaluate_tasks(parent, section, ctx.source, ctx.artifacts))
