@@ -121,9 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     reset_peak(device)
     start = time.perf_counter()
     loaded = load_model(folder if source.needs_build else args.model, dtype=args.dtype)
-    with torch.no_grad():  # weights memory-mapped from the file count once they are read
-        for param in loaded.model.parameters():
-            param.sum()
+    _touched(loaded)
     if args.stage != "load":
         reset_peak(device)
         start = time.perf_counter()
@@ -136,6 +134,16 @@ def main(argv: list[str] | None = None) -> dict:
               "torch": torch.__version__}
     print(json.dumps(result))
     return result
+
+
+def _touched(loaded):
+    """Read every weight once: weights memory-mapped from the file count once they are read
+    (on a GPU they are all copied to it)."""
+    import torch
+    with torch.no_grad():
+        for param in loaded.model.parameters():
+            param.sum()
+    return loaded
 
 
 def _run(stage: str, section, loaded, source) -> None:
@@ -167,8 +175,13 @@ def _run(stage: str, section, loaded, source) -> None:
         elif stage == "recover":
             from sparselab.recover.base import RecoverContext
             from sparselab.registry import RECOVERY
-            RECOVERY.get(section.method)().recover(loaded, RecoverContext(section, source,
-                                                                          Path(tmp), log))
+            ctx = RecoverContext(section, source, Path(tmp), log)
+            if section.method == "reconstruct":  # its targets: the same weights, unpruned
+                from sparselab.models import load_model
+                folder = loaded.model.name_or_path
+                ctx.dense = lambda: _touched(load_model(folder,
+                                                        dtype=str(loaded.model.dtype)[6:]))
+            RECOVERY.get(section.method)().recover(loaded, ctx)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ PROBES = [
     ("probe-a", "perplexity", ["evaluate.perplexity.max_windows=8"]),
     ("probe-a", "recover", TRAIN),
     ("probe-a", "recover", ["recover.method=dense", *TRAIN]),
+    ("probe-a", "recover", ["recover.method=reconstruct", *TRAIN]),
     ("probe-b", "prune", CALIBRATION),
     ("probe-b", "perplexity", ["evaluate.perplexity.max_windows=8"]),
     ("probe-b", "recover", TRAIN),

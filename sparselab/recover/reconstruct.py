@@ -136,6 +136,24 @@ class ReconstructRecovery(RecoveryMethod):
     needs_pruned_parent = True
     onloads = True  # layer by layer: the pair of layers being fitted visits the accelerator
 
+    def memory(self, config, m):
+        """The pruned and the dense model (onloaded: the pair of layers being fitted, the pruned
+        one in float32); every sample's part inputs and dense targets in float32, plus one more
+        such tensor while `apply` gathers a part's outputs; AdamW on the MLP part's weights (the
+        larger part) with their masks; one batch's saved activations."""
+        from sparselab.footprint import Need, saved_per_token
+        s, cfg = m.shape, config.train
+        layer_float = s.layer_params * (4 - m.bytes)
+        models = (s.layer_params * (4 + m.bytes) if m.onload
+                  else 2 * m.weights + layer_float)
+        mlp = 3 * s.hidden * s.intermediate
+        return Need.of({
+            "models": models,
+            "activations": 3 * cfg.samples * cfg.seqlen * s.hidden * 4,
+            "AdamW on a part": mlp * (3 * 4 + 1),
+            "backward": cfg.batch_size * cfg.seqlen * saved_per_token(m, "fp32", {}, True)},
+            2 * m.weights if m.onload else 0, m)
+
     def recover(self, loaded: LoadedModel, ctx: RecoverContext) -> tuple[LoadedModel, dict]:
         from sparselab.onload import visiting
         from sparselab.prune.calibration import calibration_set
