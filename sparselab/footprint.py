@@ -187,19 +187,34 @@ def training_need(m: MemoryContext, train, trainable: int, saved_per_token: int,
     saved tensors are freed while the gradients (one per trainable parameter) fill in, so the
     larger of the two counts. Under bf16 autocast of float32 weights: the bf16 copies autocast
     keeps of every linear's weight.
+
+    `train.gradient_checkpointing`: autograd keeps each decoder layer's input only, plus one
+    layer's saved tensors while it is recomputed. `train.optimizer: adafactor`: no moments worth
+    counting (a row and a column vector per matrix), but its step works on a float32 copy of one
+    parameter's gradient at a time and two temporaries of that size (the largest: the embedding),
+    after the backward, beside all the gradients.
     """
     s = m.shape
     tokens = train.batch_size * train.seqlen
     compute = 2 if train.precision == "bf16" else m.bytes
-    activations = s.layers * tokens * saved_per_token
+    if train.gradient_checkpointing:
+        activations = s.layers * tokens * s.hidden * compute + tokens * saved_per_token
+    else:
+        activations = s.layers * tokens * saved_per_token
     logits = tokens * s.vocab * (compute + 8 + (4 if compute != 4 else 0))
     gradients = trainable * m.bytes
+    moments, step = 2 * trainable * m.bytes, 0
+    if train.optimizer == "adafactor":
+        moments = 0
+        step = 3 * min(trainable, max(s.vocab * s.hidden, s.largest_linear)) * 4
     parts = {
         "weights": m.weights,
-        "AdamW moments": 2 * trainable * m.bytes,
+        "AdamW moments": moments,
         "activations": activations,
         "logits + loss": logits,
-        "gradients": max(0, gradients - activations - logits),  # beyond what the backward frees
+        # after the backward its tensors are gone; the gradients (and the step's temporaries)
+        # count where they exceed them
+        "gradients": max(0, gradients + step - activations - logits),
         "autocast copies": (s.layers * sum(o * i for o, i in s.linears().values()) * 2
                             if train.precision == "bf16" and m.bytes == 4 else 0),
         **(extra or {}),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparselab.data.catalog import resolve_data_dir
-from sparselab.matrix import CellConfig
+from sparselab.matrix import CellConfig, config_hash
 from sparselab.prune.layers import prunable_linears, sparsity_report
 from sparselab.prune.patterns import mask_for_pattern
 from sparselab.recover.base import RecoverContext
@@ -73,15 +73,18 @@ def test_lora_learns_and_leaves_the_base_bit_identical(tiny, tmp_path):
     assert merged["sparsity.linear"] < 0.05 and "sparsity.effective" not in merged
 
 
-@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "block:16x16"])
-def test_dense_keeps_pruned_weights_at_zero(tiny, tmp_path, pattern):
+@pytest.mark.parametrize("pattern,optimizer", [("unstructured", "adamw"), ("2:4", "adamw"),
+                                               ("block:16x16", "adamw"),
+                                               ("unstructured", "adafactor")])
+def test_dense_keeps_pruned_weights_at_zero(tiny, tmp_path, pattern, optimizer):
     from sparselab.recover.dense import DenseRecovery
     _prune(tiny, pattern)
     zeros = {n: (l.weight == 0).clone() for n, l in prunable_linears(tiny.model).items()}
     before = {n: l.weight.detach().clone() for n, l in prunable_linears(tiny.model).items()}
     ctx = _ctx(tmp_path, method="dense", data="wikitext2",
                train={**TRAIN, "max_steps": 5, "weight_decay": 0.1, "lr": 1e-3,
-                      "batch_size": 2, "grad_accum": 2})  # masked once per accumulated step
+                      "batch_size": 2, "grad_accum": 2,  # masked once per accumulated step
+                      "optimizer": optimizer})
     recovered, metrics = DenseRecovery().recover(tiny, ctx)
     assert metrics["recover.sparsity_preserved"] == 1.0
     changed = 0
@@ -90,6 +93,49 @@ def test_dense_keeps_pruned_weights_at_zero(tiny, tmp_path, pattern):
         assert torch.equal(linear.weight == 0, zeros[name]), name  # same sparsity, exactly
         changed += not torch.equal(linear.weight, before[name])
     assert changed == len(zeros)  # the remaining weights did train
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tiny_model_dir, tmp_path):
+    """Recomputing the activations in the backward changes the memory, not the training: the
+    same losses step by step and the same adapter weights (dropout's random state is replayed)."""
+    from sparselab.models import load_model
+    from sparselab.recover.lora import LoraRecovery
+
+    def trained(checkpointing: bool):
+        folder = tmp_path / str(checkpointing)
+        folder.mkdir()
+        ctx = _ctx(folder, method="lora", data="wikitext2",
+                   train={**TRAIN, "max_steps": 3, "gradient_checkpointing": checkpointing})
+        recovered, _ = LoraRecovery().recover(load_model(tiny_model_dir), ctx)
+        adapter = {k: v.clone() for k, v in recovered.model.state_dict().items() if "lora" in k}
+        return [r["train.loss"] for r in ctx.step_metrics], adapter, recovered.model
+
+    plain_losses, plain, _ = trained(False)
+    losses, adapter, model = trained(True)
+    assert losses == pytest.approx(plain_losses, rel=1e-6)
+    assert adapter.keys() == plain.keys() and adapter
+    for name, value in adapter.items():
+        assert torch.allclose(value, plain[name], rtol=1e-5, atol=1e-7), name
+    assert not model.base_model.model.is_gradient_checkpointing  # switched off after training
+
+
+def test_added_training_settings_keep_earlier_identities():
+    """`gradient_checkpointing` and `optimizer` came after results were recorded: at their
+    defaults they leave cell hashes and stage keys as they were; set, they change them."""
+    plain = CellConfig.model_validate({"model": "tiny-llama"})
+    assert "gradient_checkpointing" not in plain.identity()["recover"]["train"]
+    assert "optimizer" not in plain.identity()["recover"]["train"]
+    lean = CellConfig.model_validate({"model": "tiny-llama", "recover": {
+        "train": {"gradient_checkpointing": True, "optimizer": "adafactor"}}})
+    assert lean.identity()["recover"]["train"]["optimizer"] == "adafactor"
+    assert config_hash(lean.identity()) != config_hash(plain.identity())
+
+
+def test_reconstruct_refuses_the_whole_model_training_settings(tmp_path):
+    from sparselab.recover.reconstruct import ReconstructRecovery
+    config = _ctx(tmp_path, method="reconstruct", train={"optimizer": "adafactor"}).config
+    with pytest.raises(ValueError, match="apply to lora and dense"):
+        ReconstructRecovery().check(config)
 
 
 def test_held_out_loss_is_the_mean_over_answer_tokens(tiny):

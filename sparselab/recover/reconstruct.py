@@ -136,6 +136,13 @@ class ReconstructRecovery(RecoveryMethod):
     needs_pruned_parent = True
     onloads = True  # layer by layer: the pair of layers being fitted visits the accelerator
 
+    def check(self, config, linear_names=None) -> None:
+        train = config.train
+        if train.optimizer != "adamw" or train.gradient_checkpointing:
+            raise ValueError("recover.method reconstruct fits one part of one layer at a time "
+                             "with AdamW (its memory is that part's); recover.train.optimizer "
+                             "and gradient_checkpointing apply to lora and dense recovery.")
+
     def memory(self, config, m):
         """The pruned and the dense model (onloaded: the pair of layers being fitted, the pruned
         one in float32); every sample's part inputs and dense targets in float32, plus one more

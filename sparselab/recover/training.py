@@ -82,6 +82,17 @@ def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int,
     return total / max(count, 1)
 
 
+def make_optimizer(cfg: Train, params: list, device) -> torch.optim.Optimizer:
+    """AdamW (the fused kernel, transformers.Trainer's default too: each tensor in one pass), or
+    Adafactor with a fixed learning rate, factored second moments and no first moment."""
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+        return Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay, beta1=None,
+                         scale_parameter=False, relative_step=False, warmup_init=False)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             fused=device.type in ("cpu", "cuda"))
+
+
 def train(model, tokenizer, ctx: RecoverContext,
           before_step: Callable[[], None] = lambda: None,
           after_step: Callable[[], None] = lambda: None) -> dict[str, float]:
@@ -96,9 +107,7 @@ def train(model, tokenizer, ctx: RecoverContext,
     micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     steps = cfg.max_steps or math.ceil(micro_per_epoch * cfg.epochs / cfg.grad_accum)
     device = next(model.parameters()).device
-    # The fused kernel (transformers.Trainer's default too) updates each tensor in one pass.
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))
+    optimizer = make_optimizer(cfg, params, device)
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=steps)
     generator = random.Random(cfg.seed)
@@ -106,6 +115,8 @@ def train(model, tokenizer, ctx: RecoverContext,
     batches = _batches(data, cfg.batch_size, generator)
     loss_of = ScoredLoss(model)
     model.train()
+    if cfg.gradient_checkpointing:  # non-reentrant: no inputs need requires_grad (LoRA)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     start = time.perf_counter()
     tokens = 0
     with PeakMemory(device) as memory:
@@ -137,6 +148,8 @@ def train(model, tokenizer, ctx: RecoverContext,
             ctx.step_metrics.append(record)
             progress.report(step + 1, steps, f"steps, loss {record['train.loss']:.3f}")
     elapsed = time.perf_counter() - start
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
     model.eval()
     eval_loss = mean_loss(model, data.held_out, cfg.batch_size, pad_id, cfg.precision)
     losses = [r["train.loss"] for r in ctx.step_metrics]

@@ -88,7 +88,8 @@ class StageKind(abc.ABC):
 
     def key_config(self, section: BaseModel) -> dict[str, Any]:
         """The part of the section that enters the stage key (and the entry's meta)."""
-        return section.model_dump(mode="json")
+        return section.identity() if hasattr(section, "identity") else \
+            section.model_dump(mode="json")
 
     def data_refs(self, section: BaseModel) -> list[DataRef] | None:
         """The datasets the stage reads (their revisions enter the key); None: no data at all,

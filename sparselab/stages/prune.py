@@ -25,7 +25,7 @@ class PruneStage(ModelStageKind):
         return PRUNING.get(section.method).passes_through
 
     def key_config(self, section: Prune) -> dict[str, Any]:
-        config = section.model_dump(mode="json")
+        config = section.identity()
         if not PRUNING.get(section.method).needs_calibration:
             config.pop("calibration")  # cells that differ only there share the pruned model
         return config

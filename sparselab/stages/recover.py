@@ -15,9 +15,10 @@ class RecoverStage(ModelStageKind):
     # 2: the LoRA initialisation is seeded
     name = "recover"
     version = 2
-    memory_hint = ("lower recover.train.batch_size (raise grad_accum to keep the batch) or "
-                   "recover.train.seqlen, or train in bf16; dense recovery holds AdamW's two "
-                   "moments of every weight, LoRA only of its adapters")
+    memory_hint = ("set recover.train.gradient_checkpointing: true, lower "
+                   "recover.train.batch_size (raise grad_accum to keep the batch) or seqlen, or "
+                   "train in bf16; dense recovery holds AdamW's two moments of every weight "
+                   "(recover.train.optimizer: adafactor holds almost none)")
 
     def section_of(self, cell: CellConfig) -> Recover:
         return cell.recover

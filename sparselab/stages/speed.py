@@ -46,7 +46,7 @@ class SpeedStage(StageKind):
         return cell.evaluate.added(self.name)
 
     def key_config(self, section: Speed) -> dict[str, Any]:
-        return {**section.model_dump(mode="json"), "threads": threads_of(section),
+        return {**section.identity(), "threads": threads_of(section),
                 "hardware": hardware_label()}
 
     def data_refs(self, section: Speed) -> None:
