@@ -114,8 +114,8 @@ class Need:
     parts: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, parts: dict[str, int], host: int, m: MemoryContext) -> Need:
-        """Accelerator = the sum of `parts`; on a CPU-only run the host holds all of it too."""
+    def of(cls, parts: dict[str, int], host: int) -> Need:
+        """Accelerator = the sum of `parts` (on a CPU-only run, the host's memory holds it)."""
         return cls(sum(parts.values()), host, {k: v for k, v in parts.items() if v})
 
     def largest(self, count: int = 2) -> str:
@@ -147,7 +147,7 @@ def scoring_need(m: MemoryContext, batch: int, seqlen: int) -> Need:
     the logits with their float64 scoring."""
     return Need.of({"weights": m.resident_weights,
                     "logits": max(m.logits(batch, seqlen), m.layer_forward(batch * seqlen))},
-                   m.weights if m.onload else 0, m)
+                   m.weights if m.onload else 0)
 
 
 def mask_working(out: int, inputs: int, pruned: float) -> int:
@@ -173,7 +173,7 @@ def walk_need(m: MemoryContext, samples: int, seqlen: int, stats: dict[str, int]
         held -= stats[name]
     weights = m.weights if not m.onload else max(s.layer_params, s.vocab * s.hidden) * m.bytes
     return Need.of({"weights": weights, "activations": activations,
-                    "layer work": max(gather, pruning)}, m.weights if m.onload else 0, m)
+                    "layer work": max(gather, pruning)}, m.weights if m.onload else 0)
 
 
 def training_need(m: MemoryContext, train, trainable: int, saved_per_token: int,
@@ -219,7 +219,7 @@ def training_need(m: MemoryContext, train, trainable: int, saved_per_token: int,
                             if train.precision == "bf16" and m.bytes == 4 else 0),
         **(extra or {}),
     }
-    return Need.of(parts, 0, m)
+    return Need.of(parts, 0)
 
 
 def saved_per_token(m: MemoryContext, precision: str, trained_inputs: dict[str, int],

@@ -72,7 +72,7 @@ class PruningMethod(abc.ABC):
         s = m.shape
         pruned = config.sparsity
         work = max(mask_working(o, i, pruned) for o, i in s.linears().values())
-        return Need.of({"weights": m.weights, "mask": work}, 0, m)
+        return Need.of({"weights": m.weights, "mask": work}, 0)
 
     @abc.abstractmethod
     def prune(self, loaded: LoadedModel, ctx: PruneContext) -> dict[str, float]:

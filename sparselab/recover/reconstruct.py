@@ -159,7 +159,7 @@ class ReconstructRecovery(RecoveryMethod):
             "activations": 3 * cfg.samples * cfg.seqlen * s.hidden * 4,
             "AdamW on a part": mlp * (3 * 4 + 1),
             "backward": cfg.batch_size * cfg.seqlen * saved_per_token(m, "fp32", {}, True)},
-            2 * m.weights if m.onload else 0, m)
+            2 * m.weights if m.onload else 0)
 
     def recover(self, loaded: LoadedModel, ctx: RecoverContext) -> tuple[LoadedModel, dict]:
         from sparselab.onload import visiting

@@ -30,7 +30,7 @@ class LoadStage(ModelStageKind):
 
     def memory(self, section: ModelSection, m):
         from sparselab.footprint import Need
-        return Need.of({"weights": 0 if m.onload else m.weights}, m.weights, m)
+        return Need.of({"weights": 0 if m.onload else m.weights}, m.weights)
 
     def is_external(self, section: ModelSection) -> bool:
         """A hub id or a folder is loaded where it is: nothing is stored."""

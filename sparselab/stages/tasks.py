@@ -33,7 +33,7 @@ class TasksStage(StageKind):
                     * m.bytes)
         return Need.of({"weights": m.resident_weights,
                         f"logits of {TASK_CONTEXT}-token prompts": max(scoring, kv_cache)},
-                       m.weights if m.onload else 0, m)
+                       m.weights if m.onload else 0)
 
     def compute(self, section: TaskSettings, parent, ctx: StageContext) -> None:
         from sparselab.evaluate.harness import evaluate_tasks
