@@ -111,15 +111,11 @@ def _memory_rows(plans, onload: bool, cache=None):
     """Predicted peaks of the distinct stages (those still to run, given a cache)."""
     from sparselab.footprint import matrix_memory
     from sparselab.stages import stage_status
-    if cache is not None:
-        plans = [p for p in plans if any(stage_status(s, cache) == "to run"
-                                         for _, s in p.roles())]
     rows = matrix_memory(plans, onload)
-    if cache is not None:
-        to_run = {s.label for p in plans for _, s in p.roles()
-                  if stage_status(s, cache) == "to run"}
-        rows = [r for r in rows if r.label in to_run]
-    return rows
+    if cache is None:
+        return rows
+    to_run = {s.key for p in plans for _, s in p.roles() if stage_status(s, cache) == "to run"}
+    return [r for r in rows if r.key in to_run]
 
 
 def _limits(command):

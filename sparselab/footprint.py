@@ -247,6 +247,7 @@ class StageMemory:
     """One distinct stage of a matrix with its predicted peak (None: not predicted)."""
     cell: str
     role: str
+    key: str
     label: str
     need: Need | None
     onloaded: bool
@@ -272,7 +273,8 @@ def matrix_memory(plans, onload: bool) -> list[StageMemory]:
             onloaded = onload and stage.kind.onloads_for(stage.section)
             need = None if shape is None else \
                 stage.kind.memory(stage.section, MemoryContext(shape, cfg.dtype, onloaded))
-            rows.append(StageMemory(plan.cell.name, role, stage.label, need, onloaded))
+            rows.append(StageMemory(plan.cell.name, role, stage.key, stage.label, need,
+                                    onloaded))
     return rows
 
 
