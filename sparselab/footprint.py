@@ -171,8 +171,7 @@ def walk_need(m: MemoryContext, samples: int, seqlen: int, stats: dict[str, int]
     for name in s.linears():
         pruning = max(pruning, held + working[name])
         held -= stats[name]
-    weights = m.weights if not m.onload else max(s.layer_params, s.vocab * s.hidden) * m.bytes
-    return Need.of({"weights": weights, "activations": activations,
+    return Need.of({"weights": m.resident_weights, "activations": activations,
                     "layer work": max(gather, pruning)}, m.weights if m.onload else 0)
 
 

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     from sparselab.footprint import MemoryContext, Shape
     from sparselab.matrix import CellConfig, parse_set, set_dotted
     from sparselab.models import compute_device, load_model, model_source
-    from sparselab.stages import PERPLEXITY, PRUNE, RECOVER, kinds
+    from sparselab.stages import kind_named
 
     tree: dict = {"model": args.model, "dtype": args.dtype}
     for dotted, value in parse_set(tuple(args.sets)).items():
@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         source.build(folder, args.dtype)
     device = compute_device()
     m = MemoryContext(Shape.of(source.config()), args.dtype, onload=args.onload)
-    kind = {"load": kinds()[0], "prune": PRUNE, "perplexity": PERPLEXITY, "recover": RECOVER,
-            "answer_loss": next(k for k in kinds() if k.name == "answer_loss")}[args.stage]
+    kind = kind_named(args.stage)
     section = kind.section_of(cell)
     need = kind.memory(section, m)
 
