@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py predict                    # -> benchmarks/results/scale_plan.md
     python benchmarks/scale.py measure --out benchmarks/results/scale_cpu.md     # the CPU sizes
+    python benchmarks/scale.py measure --only speed --out /tmp/speed.md          # some stages
     python3 benchmarks/scale.py measure --gpu --out $OUT/scale_gpu.md            # on a GPU
 
 `predict` prints the memory plan (sparselab.footprint) of the seeds' stages at the guide's full
@@ -36,6 +37,7 @@ GUIDE = {  # the task_specific matrix's "full settings" (its header comment)
     "evaluate.perplexity.seqlen": 2048, "evaluate.perplexity.batch_size": 4,
     "evaluate.answer_loss.seqlen": 1024, "evaluate.batch_size": 8,
 }
+ZEROS = "zeros"  # not a setting: the share of zeros the pruned parent left (probe --zeros)
 STAGES = [  # (label, stage, settings beyond GUIDE)
     ("load", "load", {}),
     ("prune wanda 50%", "prune", {"prune.method": "wanda"}),
@@ -49,7 +51,15 @@ STAGES = [  # (label, stage, settings beyond GUIDE)
     ("recover dense, checkpointing + adafactor", "recover",
      {"recover.method": "dense", "recover.train.gradient_checkpointing": True,
       "recover.train.optimizer": "adafactor"}),
+    ("prune gqa_structured 25%, taylor + removal", "prune",
+     {"prune.method": "gqa_structured", "prune.sparsity": 0.25}),
+    ("prune gqa_structured 25%, magnitude + cosine", "prune",
+     {"prune.method": "gqa_structured", "prune.sparsity": 0.25,
+      "prune.options.importance": "magnitude", "prune.options.layer_importance": "cosine"}),
+    ("speed, dense", "speed", {"evaluate.speed": {}}),
+    ("speed, 50% unstructured (CSR)", "speed", {"evaluate.speed": {}, ZEROS: 0.5}),
 ]
+NEW_ON_GPU = 9  # the stages after the first nine are not in the device check sized for 10 min
 SHAPES = ("random-llama-2-7b", "random-llama-3-8b", "random-llama-3-70b")
 
 
@@ -71,15 +81,16 @@ def predict(out: Path) -> None:
         cells = []
         for name in SHAPES:
             tree: dict = {"model": name, "dtype": "bfloat16"}
-            for key, value in {**GUIDE, **extra}.items():
+            for key, value in _settings({**GUIDE, **extra}).items():
                 set_dotted(tree, key, value)
             cell = CellConfig.model_validate(tree)
             kind = by_name[stage]
             section = kind.section_of(cell)
             shape = Shape.of(model_source(name).config())
-            resident = kind.memory(section, MemoryContext(shape, "bfloat16"))
+            zeros = extra.get(ZEROS, 0.0)
+            resident = kind.memory(section, MemoryContext(shape, "bfloat16", zeros=zeros))
             onload = kind.onloads_for(section)
-            onloaded = kind.memory(section, MemoryContext(shape, "bfloat16", onload=True)) \
+            onloaded = kind.memory(section, MemoryContext(shape, "bfloat16", True, zeros)) \
                 if onload else None
             cells.append(gib(resident.device) + (f" / {gib(onloaded.device)}" if onloaded
                                                   else " / (not onloaded)"))
@@ -89,7 +100,11 @@ def predict(out: Path) -> None:
     out.write_text(text)
 
 
-def measure(out: Path, gpu: bool, models: Path) -> None:
+def _settings(settings: dict) -> dict:
+    return {key: value for key, value in settings.items() if key != ZEROS}
+
+
+def measure(out: Path, gpu: bool, models: Path, only: str | None = None) -> None:
     if gpu:  # the guide's settings, 3 training steps; one call of the device tool (~10 min)
         settings = {**GUIDE, "recover.train.max_steps": 3, "recover.train.grad_accum": 1}
         runs = [("random-llama-3-8b", "bfloat16", settings, onload) for onload in (False, True)]
@@ -113,7 +128,9 @@ def measure(out: Path, gpu: bool, models: Path) -> None:
         runs = [("probe-a", "float32", small, False), ("probe-b", "bfloat16", small_bf16, False)]
     rows = []
     for name, dtype, settings, onload in runs:
-        for label, stage, extra in STAGES:
+        for label, stage, extra in STAGES[:NEW_ON_GPU] if gpu else STAGES:
+            if only and only not in label:
+                continue
             if onload and stage in ("load", "recover") and "reconstruct" not in str(extra):
                 continue  # these take the whole model to the device: nothing to compare
             if gpu and extra.get("recover.method") == "dense" and "8b" in name \
@@ -125,8 +142,10 @@ def measure(out: Path, gpu: bool, models: Path) -> None:
                 args += ["--shape", json.dumps(shapes[name])]
             if onload:
                 args.append("--onload")
-            for key, value in {**settings, **extra}.items():
+            for key, value in _settings({**settings, **extra}).items():
                 args += ["--set", f"{key}={value}"]
+            if ZEROS in extra:
+                args += ["--zeros", str(extra[ZEROS])]
             env = {**os.environ, "SPARSELAB_ONLOAD": "1" if onload else "0"}
             done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO)
             if done.returncode != 0:
@@ -161,10 +180,11 @@ if __name__ == "__main__":
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--models", type=Path, default=Path("/tmp/sparselab-scale-models"))
+    parser.add_argument("--only", help="measure the stages whose label contains this")
     args = parser.parse_args()
     results = REPO / "benchmarks" / "results"
     if args.what == "predict":
         predict(args.out or results / "scale_plan.md")
     else:
         measure(args.out or results / ("scale_gpu.md" if args.gpu else "scale_cpu.md"),
-                args.gpu, args.models)
+                args.gpu, args.models, args.only)

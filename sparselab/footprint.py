@@ -74,6 +74,7 @@ class MemoryContext:
     shape: Shape
     dtype: str
     onload: bool = False
+    zeros: float = 0.0  # the share of the decoder's linear weights the cell's pruning zeroes
 
     @property
     def bytes(self) -> int:
@@ -91,6 +92,12 @@ class MemoryContext:
             return self.weights
         s = self.shape
         return max(s.layer_params, s.vocab * s.hidden) * self.bytes
+
+    def activations(self, samples: int, seqlen: int, copies: int = 1) -> int:
+        """`copies` of a layer's hidden states for every calibration sample on the accelerator;
+        onloaded, they stay on the host and one sample's input and output visit."""
+        held = 2 if self.onload else copies * samples
+        return held * seqlen * self.shape.hidden * self.bytes
 
     def layer_forward(self, tokens: int) -> int:
         """Transient bytes of one decoder layer's forward without gradients over `tokens`
@@ -161,9 +168,10 @@ def walk_need(m: MemoryContext, samples: int, seqlen: int, stats: dict[str, int]
               working: dict[str, int], increment: int) -> Need:
     """A layer-wise pruning walk (sparselab.prune.walk): the weights (onloaded: one layer, or
     the embedding while the first layer's inputs are caught), every sample's activations of the
-    current layer, and the larger of the statistics pass (all its linears' statistics, one
-    layer's forward on one sample, the statistics' per-sample increment) and the pruning of
-    each linear in turn (the statistics still held and that linear's working memory)."""
+    current layer (onloaded: on the host, one sample's input and output on the accelerator), and
+    the larger of the statistics pass (all its linears' statistics, one layer's forward on one
+    sample, the statistics' per-sample increment) and the pruning of each linear in turn (the
+    statistics still held and that linear's working memory)."""
     s = m.shape
     activations = samples * seqlen * s.hidden * m.bytes
     gather = sum(stats.values()) + m.layer_forward(seqlen) + increment
@@ -171,8 +179,10 @@ def walk_need(m: MemoryContext, samples: int, seqlen: int, stats: dict[str, int]
     for name in s.linears():
         pruning = max(pruning, held + working[name])
         held -= stats[name]
-    return Need.of({"weights": m.resident_weights, "activations": activations,
-                    "layer work": max(gather, pruning)}, m.weights if m.onload else 0)
+    return Need.of({"weights": m.resident_weights,
+                    "activations": m.activations(samples, seqlen),
+                    "layer work": max(gather, pruning)},
+                   m.weights + activations if m.onload else 0)
 
 
 def training_need(m: MemoryContext, train, trainable: int, saved_per_token: int,
@@ -257,6 +267,7 @@ def matrix_memory(plans, onload: bool) -> list[StageMemory]:
     from each cell's model config alone; stages of a model whose config is unreachable (a hub id
     offline) are not predicted."""
     from sparselab.models import model_source
+    from sparselab.registry import PRUNING
     shapes: dict[str, Shape | None] = {}
     rows, seen = [], set()
     for plan in plans:
@@ -265,13 +276,15 @@ def matrix_memory(plans, onload: bool) -> list[StageMemory]:
             config = model_source(cfg.model).config(cfg.trust_remote_code)
             shapes[cfg.model] = Shape.of(config) if config is not None else None
         shape = shapes[cfg.model]
+        method = PRUNING.get(cfg.prune.method)
+        zeros = cfg.prune.sparsity if method.leaves_zeros and not method.passes_through else 0.0
         for role, stage in plan.roles():
             if stage.key in seen:
                 continue
             seen.add(stage.key)
             onloaded = onload and stage.kind.onloads_for(stage.section)
             need = None if shape is None else \
-                stage.kind.memory(stage.section, MemoryContext(shape, cfg.dtype, onloaded))
+                stage.kind.memory(stage.section, MemoryContext(shape, cfg.dtype, onloaded, zeros))
             rows.append(StageMemory(plan.cell.name, role, stage.key, stage.label, need,
                                     onloaded))
     return rows
@@ -293,10 +306,11 @@ def refuse_unfit(rows: list[StageMemory], device_memory: int, device: str, matri
     for name, group in by_kind.items():
         worst = max(group, key=lambda r: r.need.device)
         hint = kind_named(worst.role).memory_hint
-        if not worst.onloaded and worst.need.parts.get("weights", 0) > usable \
-                and not kind_named(worst.role).onloads:
-            hint = ("its weights alone exceed the device: it needs more than one device, which "
-                    "sparselab does not split a stage across yet")
+        if worst.need.parts.get("weights", 0) > usable \
+                and (worst.onloaded or not kind_named(worst.role).onloads):
+            hint = ("it needs the whole model on the device and its weights alone exceed it: "
+                    "it needs more than one device, which sparselab does not split a stage "
+                    "across yet")
         cells = ", ".join(dict.fromkeys(r.cell for r in group))
         lines.append(f"{name} ({len(group)} stage(s), cells {cells}; the largest "
                      f"'{worst.label}' needs {gib(worst.need.device)}: {worst.need.largest()}): "

@@ -7,11 +7,16 @@ a module's forward, back after). The memory plan (sparselab.footprint) counts on
 on the accelerator instead of the model's. Where it applies:
 
 - the layer-wise pruning walk (sparselab.prune.walk): the embedding while the first layer's
-  inputs are caught, then each decoder layer for its statistics, pruning and forward;
+  inputs are caught, then each decoder layer for its statistics, pruning and forward; the
+  calibration activations stay on the host too, one sample visiting at a time;
+- structured pruning's layer importance (sparselab.prune.layer_importance): the same walk, and
+  the layers after a skipped one again;
+- the reconstruction recovery: the pair of layers (pruned, dense) being fitted;
 - whole-model forwards without gradients (perplexity, answer losses, lm-eval tasks): `streamed`
   hooks move each module for its forward.
-Stages that train (recovery) or take gradients (Taylor scores of structured pruning) run with the
-whole model on the accelerator (`placed`): the plan counts them so.
+Stages that train (LoRA, dense recovery) or take gradients (Taylor scores of structured pruning,
+for that phase only) run with the whole model on the accelerator (`placed`): the plan counts
+them so.
 """
 from __future__ import annotations
 

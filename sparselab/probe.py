@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("load", "prune", "perplexity", "answer_loss", "recover")
+STAGES = ("load", "prune", "perplexity", "answer_loss", "recover", "speed")
 
 
 def resident() -> tuple[int, int]:
@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-dir", default="builtin")
     parser.add_argument("--models", default=None, help="folder of built models (reused)")
     parser.add_argument("--onload", action="store_true")
+    parser.add_argument("--zeros", type=float, default=0.0,
+                        help="zero this share of every decoder linear's smallest weights first "
+                        "(a pruned parent, for the speed stage's sparse kernels)")
     parser.add_argument("--shape", help="JSON Llama config fields: registers --model as a "
                         "random Llama of that shape (for sizes between the published ones)")
     args = parser.parse_args(argv)
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     if source.needs_build and not (folder / "config.json").is_file():
         source.build(folder, args.dtype)
     device = compute_device()
-    m = MemoryContext(Shape.of(source.config()), args.dtype, onload=args.onload)
+    m = MemoryContext(Shape.of(source.config()), args.dtype, onload=args.onload,
+                      zeros=args.zeros)
     kind = kind_named(args.stage)
     section = kind.section_of(cell)
     need = kind.memory(section, m)
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     loaded = load_model(folder if source.needs_build else args.model, dtype=args.dtype)
     _touched(loaded)
+    if args.zeros:
+        _zero_smallest(loaded.model, args.zeros)
     if args.stage != "load":
         reset_peak(device)
         start = time.perf_counter()
@@ -143,6 +149,22 @@ def _touched(loaded):
         for param in loaded.model.parameters():
             param.sum()
     return loaded
+
+
+def _zero_smallest(model, share: float) -> None:
+    """Magnitude pruning of every decoder linear to `share`. The weights are copied out of the
+    memory-mapped file first: its pages stay resident while any tensor views the file, and the
+    speed stage lets the dense weights go (a pruned parent's weights are its own)."""
+    import torch
+
+    from sparselab.prune.layers import prunable_linears
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+        gc.collect()
+        for linear in prunable_linears(model).values():
+            weight = linear.weight.view(-1)
+            weight[weight.abs().argsort()[:int(weight.numel() * share)]] = 0
 
 
 def _run(stage: str, section, loaded, source) -> None:
@@ -181,6 +203,9 @@ def _run(stage: str, section, loaded, source) -> None:
                 ctx.dense = lambda: _touched(load_model(folder,
                                                         dtype=str(loaded.model.dtype)[6:]))
             RECOVERY.get(section.method)().recover(loaded, ctx)
+        elif stage == "speed":
+            from sparselab.evaluate.speed import SpeedSettings, speed
+            speed(loaded.model, SpeedSettings.of(section), vocab=loaded.model.config.vocab_size)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from sparselab.cli import main
-from sparselab.footprint import MemoryContext, Shape, parse_size
+from sparselab.footprint import MemoryContext, Shape, matrix_memory, parse_size
 from sparselab.models import model_source
 from tests.conftest import REPO
 from tests.test_run import SMOKE
@@ -27,6 +27,8 @@ SIZES = {
                                  num_key_value_heads=4, max_position_embeddings=2048)),
 }
 CALIBRATION = ["prune.calibration.samples=16", "prune.calibration.seqlen=256"]
+SPEED = 'evaluate.speed={"prompt_lengths": [256], "batch_sizes": [4], "new_tokens": 8, ' \
+    '"warmup": 0, "repeats": 1}'
 TRAIN = ["recover.train.samples=16", "recover.train.max_steps=2", "recover.train.seqlen=256",
          "recover.train.batch_size=4", "recover.train.grad_accum=1"]
 # bf16 training on a CPU without bf16 matrix units is slow: a quarter of the tokens
@@ -40,6 +42,12 @@ PROBES = [
     ("probe-a", "recover", ["recover.method=reconstruct", *TRAIN]),
     ("probe-a", "recover", ["recover.method=dense", "recover.train.optimizer=adafactor",
                             "recover.train.gradient_checkpointing=true", *TRAIN]),
+    ("probe-a", "prune", ["prune.method=gqa_structured", "prune.sparsity=0.25", *CALIBRATION]),
+    ("probe-a", "prune", ["prune.method=gqa_structured", "prune.sparsity=0.25",
+                          "prune.options.importance=magnitude",
+                          "prune.options.layer_importance=cosine", *CALIBRATION]),
+    ("probe-a", "speed", [SPEED]),
+    ("probe-a", "speed", [SPEED, "--zeros=0.5"]),  # unstructured zeros: the CSR kernel
     ("probe-b", "prune", CALIBRATION),
     ("probe-b", "perplexity", ["evaluate.perplexity.max_windows=8"]),
     ("probe-b", "recover", TRAIN_BF16),
@@ -66,8 +74,8 @@ def test_predicted_peak_is_within_15_percent_of_the_measured(size, stage, sets,
     dtype, shape = SIZES[size]
     args = [sys.executable, "-m", "sparselab.probe", "--model", size, "--shape", json.dumps(shape),
             "--dtype", dtype, "--stage", stage, "--models", str(models)]
-    for item in sets:
-        args += ["--set", item]
+    for item in sets:  # an option of the probe's own, or a cell setting
+        args += [item] if item.startswith("--") else ["--set", item]
     env = {**os.environ, "SPARSELAB_DEVICE": "cpu"}
     done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -84,6 +92,35 @@ def test_onloading_keeps_one_layer_on_the_accelerator():
     assert resident.resident_weights == shape.params * 2
     assert onloaded.resident_weights == max(shape.layer_params, shape.vocab * shape.hidden) * 2
     assert onloaded.resident_weights < resident.resident_weights / 50
+
+
+@pytest.mark.parametrize("onload", [False, True])
+def test_every_stage_of_every_shipped_matrix_is_predicted(onload):
+    """No stage kind of the shipped matrices is left out of the plan (it would show '?' and
+    could not be refused)."""
+    from sparselab.study import prepare_plans
+    for path in sorted((REPO / "matrix").glob("*.yaml")):
+        _, plans = prepare_plans(str(path), None, (), "builtin")
+        unpredicted = [r.label for r in matrix_memory(plans, onload) if r.need is None]
+        assert not unpredicted, (path.name, unpredicted)
+
+
+def test_a_structured_pruning_that_cannot_fit_says_why(workspace):
+    """GQA structured pruning of a 70B shape: the Taylor scores need the whole model on the
+    device even onloaded (refused: more than one device); magnitude scores with the cosine
+    importance fit onloaded."""
+    base = ["plan", str(REPO / "matrix" / "gqa_structured.yaml"), "--only", "both_25",
+            "--set", "model=random-llama-3-70b", "--set", "dtype=bfloat16",
+            "--device-memory", "80GiB", "--onload", "--data-dir", "builtin"]
+    taylor = CliRunner().invoke(main, base)
+    said = " ".join(taylor.output.split())
+    assert taylor.exit_code == 2 and "prune (1 stage(s)" in said
+    assert "needs more than one device" in said and "Traceback" not in said
+    magnitude = CliRunner().invoke(main, base + [
+        "--set", "prune.options.importance=magnitude",
+        "--set", "prune.options.layer_importance=cosine"])
+    said = " ".join(magnitude.output.split())
+    assert "prune (" not in said, said
 
 
 def test_plan_prints_each_stage_s_memory(workspace):

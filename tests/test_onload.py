@@ -156,3 +156,37 @@ def test_onloaded_reconstruction_equals_the_on_device_path(tiny_model_dir, tmp_p
     assert not not_visited.visits and visits.visits == [0, 1, 2, 3] and visits.most == 1
     for name, value in onloaded.items():
         assert torch.equal(value, plain[name]), name
+
+
+@pytest.mark.parametrize("importance,layer_importance", [("taylor", "removal"),
+                                                         ("magnitude", "cosine")])
+def test_onloaded_structured_pruning_equals_the_on_device_path(tiny_model_dir, tmp_path,
+                                                               monkeypatch, importance,
+                                                               layer_importance):
+    """GQA structured pruning under onloading: the layer importance walks one layer at a time
+    (the removal analysis re-runs the layers after each skipped one, each a visit of its own),
+    Taylor scores take the whole model to the accelerator for their backward passes; the same
+    sliced model comes out, on the host."""
+    from sparselab.models import load_model
+    from tests.test_gqa_structured import cell, run_prune
+
+    def pruned(on: bool, folder):
+        monkeypatch.setenv("SPARSELAB_ONLOAD", "1" if on else "0")
+        loaded = load_model(tiny_model_dir)
+        visits = Visits(monkeypatch, loaded.model)
+        metrics = run_prune(loaded, cell(0.25, importance=importance,
+                                         layer_importance=layer_importance), folder)
+        monkeypatch.undo()
+        return loaded, metrics, visits
+
+    plain, plain_metrics, not_visited = pruned(False, tmp_path / "off")
+    onloaded, metrics, visits = pruned(True, tmp_path / "on")
+    assert metrics == plain_metrics
+    assert not not_visited.visits and visits.most == 1 and not visits.visiting
+    walks = [0, 1, 2, 3] + ([1, 2, 3, 2, 3, 3] if layer_importance == "removal" else [])
+    assert visits.visits == walks
+    weights, reference = onloaded.model.state_dict(), plain.model.state_dict()
+    assert weights.keys() == reference.keys()
+    for name, value in weights.items():
+        assert torch.equal(value, reference[name]), name
+    assert all(p.device.type == HOST for p in onloaded.model.parameters())

@@ -195,3 +195,17 @@ def test_a_misspelt_speed_setting_names_its_key_and_line(workspace):
     assert result.exit_code == 2
     assert "evaluate.speed.new_token" in result.output and "line 10" in result.output
     assert "Did you mean 'new_tokens'?" in result.output
+
+
+def test_the_csr_layout_holds_its_values_and_column_indices_only():
+    """torch's to_sparse_csr keeps its column indices as a view of the COO (2 x nnz) indices it
+    converted through: every row index too. The kernel's layout holds what CSR holds."""
+    from sparselab.evaluate.speed import CSR
+    weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
+    weight[weight.abs() < 0.7] = 0
+    layout = CSR.layout(weight)
+    nnz = int((weight != 0).sum())
+    held = sum(part.untyped_storage().nbytes() for part in
+               (layout.values(), layout.col_indices(), layout.crow_indices()))
+    assert held == nnz * (4 + 8) + (96 + 1) * 8
+    assert torch.equal(layout.to_dense(), weight)

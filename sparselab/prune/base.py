@@ -40,6 +40,7 @@ class PruningMethod(abc.ABC):
     needs_calibration = False  # when False, calibration settings do not enter the stage key
     passes_through = False  # True: the model comes out as it went in (no prune stage at all)
     onloads = False  # True: works layer by layer under --onload (sparselab.onload)
+    leaves_zeros = True  # False: removes weights instead (the model shrinks, no zeros are left)
 
     def check(self, config: Prune) -> None:
         """Cheap validation before any model loads; raise ValueError with a clear message."""

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from sparselab.prune.gqa_structured.config import LAYER_IMPORTANCE_METRICS as METRICS
+from sparselab.onload import execution_device, visiting
 from sparselab.prune.walk import capture_layer_inputs, sample_outputs
 from sparselab.shapes import base_model, decoder_layers
 
@@ -38,24 +39,29 @@ FILE = "layer_importance.json"
 FORMAT = "sparselab-layer-importance"
 
 
-def _run(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    """One decoder layer on every sample, into a new tensor."""
+def _run(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any],
+         device: torch.device) -> torch.Tensor:
+    """One decoder layer on every sample, into a new tensor where `hidden` is (the host, under
+    onloading, with the layer visiting the accelerator meanwhile)."""
     out = torch.empty_like(hidden)
-    for index, result in sample_outputs(layer, hidden, kwargs):
-        out[index] = result
+    with visiting([layer], device):
+        for index, result in sample_outputs(layer, hidden, kwargs):
+            out[index] = result
     return out
 
 
-def _head_nll(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+def _head_nll(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+              device: torch.device) -> tuple[float, int]:
     """Summed next-token loss of the final norm + LM head on the last hidden states."""
     base = base_model(model)
     norm, head = base.model.norm, base.get_output_embeddings()
     total, count = 0.0, 0
-    for index in range(hidden.shape[0]):
-        logits = head(norm(hidden[index:index + 1]))[0, :-1].float()
-        labels = input_ids[index, 1:].to(logits.device)
-        total += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        count += labels.numel()
+    with visiting([norm, head], device):
+        for index in range(hidden.shape[0]):
+            logits = head(norm(hidden[index:index + 1].to(device)))[0, :-1].float()
+            labels = input_ids[index, 1:].to(device)
+            total += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            count += labels.numel()
     return total, count
 
 
@@ -63,26 +69,27 @@ def _head_nll(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -
 def boundary_states(model: nn.Module, input_ids: torch.Tensor
                     ) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """Hidden states at every layer boundary: [input of layer 0, output of layer 0, ...]."""
-    layers = decoder_layers(model)
+    device = execution_device(model)
     inputs = capture_layer_inputs(model, input_ids)
     states = [inputs.hidden]
-    for layer in layers:
-        states.append(_run(layer, states[-1], inputs.kwargs))
+    for layer in decoder_layers(model):
+        states.append(_run(layer, states[-1], inputs.kwargs, device))
     return states, inputs.kwargs
 
 
 @torch.no_grad()
 def removal_importance(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
     layers = decoder_layers(model)
+    device = execution_device(model)
     states, kwargs = boundary_states(model, input_ids)
-    nll, count = _head_nll(model, states[-1], input_ids)
+    nll, count = _head_nll(model, states[-1], input_ids, device)
     base_loss = nll / count
     losses = []
     for skipped in range(len(layers)):
         hidden = states[skipped]
         for after in range(skipped + 1, len(layers)):
-            hidden = _run(layers[after], hidden, kwargs)
-        nll, _ = _head_nll(model, hidden, input_ids)
+            hidden = _run(layers[after], hidden, kwargs, device)
+        nll, _ = _head_nll(model, hidden, input_ids, device)
         losses.append(nll / count)
     return {"importance": [loss - base_loss for loss in losses],
             "details": {"base_loss": base_loss, "base_ppl": math.exp(base_loss), "loss": losses,
@@ -94,13 +101,15 @@ def removal_importance(model: nn.Module, input_ids: torch.Tensor) -> dict[str, A
 
 @torch.no_grad()
 def cosine_importance(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
-    layers = decoder_layers(model)
+    device = execution_device(model)
     inputs = capture_layer_inputs(model, input_ids)
     hidden, values = inputs.hidden, []
-    for layer in layers:
-        out = _run(layer, hidden, inputs.kwargs)
-        cos = nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1)
-        values.append(float((1.0 - cos).mean()))
+    for layer in decoder_layers(model):
+        out = _run(layer, hidden, inputs.kwargs, device)
+        distance = [1.0 - nn.functional.cosine_similarity(hidden[index].float(),
+                                                          out[index].float(), dim=-1)
+                    for index in range(hidden.shape[0])]
+        values.append(float(torch.cat(distance).mean()))
         hidden = out
     return {"importance": values,
             "details": {"tokens": int(input_ids.numel()),

@@ -4,7 +4,10 @@
 keyword arguments (position embeddings, attention mask, position ids) are caught by a forward
 pre-hook that stops the forward pass; then each decoder layer runs on its inputs, one sample at a
 time, and its outputs replace them in place as the next layer's inputs. Only one layer's activations
-(samples x seqlen x hidden, in the model's dtype) are ever held.
+(samples x seqlen x hidden, in the model's dtype) are ever held: on the accelerator, or under
+onloading in host memory, one sample visiting the accelerator at a time (llm-compressor's
+sequential pipeline keeps its intermediates on the host the same way), so neither the calibration
+set nor the model has to fit the device.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparselab.onload import execution_device, outer_modules, visiting
+from sparselab.onload import HOST, execution_device, onloading, outer_modules, visiting
 from sparselab.shapes import decoder_layers
 
 
@@ -34,9 +37,12 @@ class LayerInputs:
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> LayerInputs:
     """Run the model up to its first decoder layer for every sample and keep what that layer got
-    (onloading: with the modules before the layers on the accelerator meanwhile)."""
+    (onloading: with the modules before the layers on the accelerator meanwhile, and the hidden
+    states kept on the host; the keyword arguments, a few seqlen-sized tensors, stay on the
+    accelerator)."""
     layers = decoder_layers(model)
     device = execution_device(model)
+    store = torch.device(HOST) if onloading() else device
     hidden: torch.Tensor | None = None
     caught: dict[str, Any] = {}
 
@@ -62,7 +68,7 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> LayerInpu
                 state = caught.pop("hidden")
                 if hidden is None:
                     hidden = torch.empty((input_ids.shape[0], *state.shape[1:]),
-                                         dtype=state.dtype, device=state.device)
+                                         dtype=state.dtype, device=store)
                 hidden[index] = state[0]
     finally:
         handle.remove()
@@ -73,9 +79,11 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> LayerInpu
 def sample_outputs(layer: nn.Module, hidden: torch.Tensor,
                    kwargs: dict[str, Any]) -> Iterator[tuple[int, torch.Tensor]]:
     """(index, output) of `layer` on each sample in turn (batch 1, as the captured kwargs are);
-    one at a time, so a caller may write each output over its input."""
+    one at a time, so a caller may write each output over its input. Each sample goes to the
+    layer's device (from the host, under onloading); its output stays there."""
+    device = next(layer.parameters()).device
     for index in range(hidden.shape[0]):
-        out = layer(hidden[index:index + 1], **kwargs)
+        out = layer(hidden[index:index + 1].to(device), **kwargs)
         if isinstance(out, (tuple, list)):
             out = out[0]
         yield index, out[0]
@@ -127,7 +135,7 @@ def walk_layers(model: nn.Module, input_ids: torch.Tensor
     model.eval()  # no dropout in the statistics
     try:
         inputs = capture_layer_inputs(model, input_ids)
-        device = inputs.hidden.device
+        device = execution_device(model)
         for index, layer in enumerate(layers):
             with visiting([layer], device):  # onloading: this layer on the accelerator
                 yield index, layer, inputs

@@ -162,7 +162,7 @@ class ReconstructRecovery(RecoveryMethod):
             2 * m.weights if m.onload else 0)
 
     def recover(self, loaded: LoadedModel, ctx: RecoverContext) -> tuple[LoadedModel, dict]:
-        from sparselab.onload import visiting
+        from sparselab.onload import execution_device, visiting
         from sparselab.prune.calibration import calibration_set
         from sparselab.prune.walk import capture_layer_inputs
         if ctx.dense is None:
@@ -184,11 +184,13 @@ class ReconstructRecovery(RecoveryMethod):
         pruned = {name: linear.weight == 0 for name, linear in linear_modules(model).items()}
         generator = torch.Generator().manual_seed(cfg.seed or 0)
         captured = capture_layer_inputs(dense, calib.input_ids)
-        inputs, kwargs = captured.hidden.float(), captured.kwargs
+        device = execution_device(model)  # the accelerator, also when onloading
+        # batches are drawn at random from every sample: the activations stay on the device
+        inputs, kwargs = captured.hidden.to(device).float(), captured.kwargs
+        del captured
         layers, dense_layers = decoder_layers(model), decoder_layers(dense)
         rows, steps = ["layer,part,mse_before,mse_after"], 0
         before, after = [], []
-        device = inputs.device  # the accelerator, also when onloading
         start = time.perf_counter()
         with PeakMemory(device) as memory:
             for index, (layer, dense_layer) in enumerate(zip(layers, dense_layers)):

@@ -40,7 +40,7 @@ def threads_of(section: Speed) -> int:
 
 class SpeedStage(StageKind):
     name = "speed"
-    version = 1
+    version = 2  # 2: the CSR layout holds its column indices only (1 also held the row indices)
 
     def section_of(self, cell: CellConfig) -> Speed | None:
         return cell.evaluate.added(self.name)
@@ -56,6 +56,36 @@ class SpeedStage(StageKind):
         return (f"speed prefill {','.join(map(str, section.prompt_lengths))} tokens, decode "
                 f"batch {','.join(map(str, section.batch_sizes))}")
 
+    def memory(self, section: Speed, m):
+        """The weights, dense, or while the sparse kernel runs in its layout, bounded by CSR's
+        (a value and an int64 column index per kept weight, a row pointer per row; BSR and 2:4
+        layouts are smaller), with one linear's conversion through COO; the larger
+        of a prefill at the longest prompt (a layer's forward and every position's logits) and
+        a decode at the largest batch (the KV cache of prompt and new tokens, the prompt's
+        prefill); with a sparse kernel, the two float32 logits compared with the dense ones."""
+        from sparselab.evaluate.speed import MIN_ZEROS
+        from sparselab.footprint import Need
+        s, b = m.shape, m.bytes
+        linears = s.linears().values()
+        sparse = m.zeros >= MIN_ZEROS
+        weights = m.weights
+        if sparse:
+            numel = s.layers * sum(o * i for o, i in linears)
+            rows = s.layers * sum(o + 1 for o, _ in linears)
+            kept = int(numel * (1 - m.zeros))
+            # converting one linear: its mask, COO's indices and values, the column indices
+            converting = int(s.largest_linear * (1 + (1 - m.zeros) * (16 + b + 8)))
+            weights = max(weights, m.weights - numel * b + kept * (b + 8) + rows * 8
+                          + converting)
+        longest = max(section.prompt_lengths)
+        prefill = max(m.layer_forward(longest), longest * s.vocab * b)
+        prompt, batch = section.decode_prompt, max(section.batch_sizes)
+        cache = 2 * s.layers * batch * (prompt + section.new_tokens) * s.kv_heads * s.head_dim * b
+        decode = cache + max(m.layer_forward(batch * prompt), batch * prompt * s.vocab * b)
+        check = 2 * 2 * min(64, section.prompt_lengths[0]) * s.vocab * 4 if sparse else 0
+        return Need.of({"weights": weights, "inference": max(prefill, decode),
+                        "kernel check": check}, 0)
+
     def compute(self, section: Speed, parent, ctx: StageContext) -> None:
         import torch
 
@@ -68,10 +98,8 @@ class SpeedStage(StageKind):
         threads, previous = threads_of(section), torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            result = speed(parent.model, SpeedSettings(
-                tuple(section.prompt_lengths), tuple(section.batch_sizes),
-                section.decode_prompt, section.new_tokens, section.warmup, section.repeats),
-                vocab=base_model(parent.model).config.vocab_size)
+            result = speed(parent.model, SpeedSettings.of(section),
+                           vocab=base_model(parent.model).config.vocab_size)
         finally:
             torch.set_num_threads(previous)
         (ctx.artifacts / "speed.json").write_text(json.dumps(

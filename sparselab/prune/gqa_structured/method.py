@@ -60,6 +60,7 @@ from torch import nn
 
 from sparselab import shapes as sh
 from sparselab.models import LoadedModel
+from sparselab.onload import placed
 from sparselab.prune import layer_importance as li
 from sparselab.prune.base import PruneContext, PruningMethod
 from sparselab.prune.gqa_structured.config import GQAOptions
@@ -231,20 +232,24 @@ def taylor_scores(model: nn.Module, input_ids: torch.Tensor, layers: list[int], 
                 batch = row[None].to(device)
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss
                 loss.backward()
-        out = {}
         with torch.no_grad():
-            for i, parts in weights.items():
-                scores = [(w.detach().double() * w.grad.double()).abs() for w in parts]
-                groups = group_scores(*scores[:4], hd, g) if attention else None
-                channels = channel_scores(*scores[-3:]) if mlp else None
-                out[i] = (groups, channels)
-        return out
+            return {i: _products_scores(parts, hd, g, attention, mlp)
+                    for i, parts in weights.items()}
     finally:
         for p, flag, grad in zip(params, flags, grads):
             p.grad = grad
             p.requires_grad_(flag)
         model.train(training)
         model.config.use_cache = use_cache
+
+
+def _products_scores(parts: list[torch.Tensor], hd: int, g: int, attention: bool, mlp: bool
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One layer's group and channel scores from |w * dL/dw| (float64); its products are let go
+    before the next layer's are made."""
+    scores = [(w.detach().double() * w.grad.double()).abs() for w in parts]
+    return (group_scores(*scores[:4], hd, g) if attention else None,
+            channel_scores(*scores[-3:]) if mlp else None)
 
 
 def kept_after_removing(scores: torch.Tensor, remove: int) -> list[int]:
@@ -324,6 +329,11 @@ class GQAStructuredPruning(PruningMethod):
     Options = GQAOptions
     patterns = ("unstructured",)
     needs_calibration = True
+    leaves_zeros = False
+    # under --onload the layer importance walks one layer at a time, magnitude scores and the
+    # slicing work on the host's weights, and Taylor scores (gradients through the whole model)
+    # take the whole model to the accelerator for their backward passes
+    onloads = True
 
     # -- validation (before any model loads) --
 
@@ -393,6 +403,48 @@ class GQAStructuredPruning(PruningMethod):
         raw = raw_ratios(importance, config.sparsity, options.strategy, layers, options.spread)
         return cap_ratios(raw, caps, config.sparsity, options.strategy, why)
 
+    # -- memory (sparselab.footprint) --
+
+    def memory(self, config, m):
+        """The larger of its two phases. The layer importance: `removal` holds the hidden states
+        at every layer boundary for every calibration sample and, while it re-runs the layers
+        after a skipped one, two more such tensors (`cosine`: a layer's input and output), one
+        layer's forward on one sample and one sample's logits with their float32 copy and
+        log-softmax; onloaded, the states stay on the host. The unit scores: `taylor` has the
+        whole model on the accelerator (also onloaded), the gradients of the pruned linears and
+        one sample's backward (the tensors autograd saves, the logits and the loss), then one
+        layer's float64 products w x dL/dw; `magnitude` a part's float64 squares (onloaded: on the
+        host's weights, nothing on the accelerator). An importance read from a file or the stage
+        cache costs nothing, which the plan cannot know: it counts the analysis."""
+        from sparselab.footprint import Need, saved_per_token
+        s, options = m.shape, config.method_options
+        samples, seqlen = config.calibration.samples, config.calibration.seqlen
+        start, end = options.layer_range or (0, s.layers)
+        attention = sum(o * i for name, (o, i) in s.linears().items()
+                        if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")))
+        mlp = 3 * s.hidden * s.intermediate
+        pruned = (attention if options.attention else 0) + (mlp if options.mlp else 0)
+        head = seqlen * s.vocab * (m.bytes + (4 if m.bytes != 4 else 0) + 4)
+        copies = {"removal": s.layers + 3, "cosine": 2}.get(options.layer_importance, 0)
+        analysis = {"weights": m.resident_weights,
+                    "activations": m.activations(samples, seqlen, copies) if copies else 0,
+                    "layer work": max(m.layer_forward(seqlen), head) if copies else 0}
+        if options.importance == "taylor":
+            # per logit at the backward's peak: the logits, their float32 copy (bf16), the
+            # log-softmax the loss saved, its gradient, the float32 logits' and (bf16) the
+            # logits' gradient
+            per_logit = 16 if m.bytes == 4 else m.bytes + 4 + 4 + 4 + 4 + m.bytes
+            backward = seqlen * (s.layers * saved_per_token(m, "fp32", {}, True)
+                                 + s.vocab * per_logit)
+            scores = 8 * pruned + 3 * 8 * s.largest_linear
+            scoring = {"weights": m.weights, "gradients": (end - start) * pruned * m.bytes,
+                       "backward": max(backward, scores)}
+        else:  # onloaded: computed on the host's weights
+            scoring = {} if m.onload else {  # a part's squares, one more in the making
+                "weights": m.weights, "scores": 8 * (max(attention, mlp) + s.largest_linear)}
+        host = m.weights + samples * seqlen * s.hidden * m.bytes * copies if m.onload else 0
+        return max(Need.of(analysis, host), Need.of(scoring, host), key=lambda n: n.device)
+
     # -- pruning --
 
     def prune(self, loaded: LoadedModel, ctx: PruneContext) -> dict[str, float]:
@@ -445,8 +497,9 @@ class GQAStructuredPruning(PruningMethod):
         # 3. unit scores on the dense model
         hd, g = facts.head_dim, facts.heads_per_group
         if options.importance == "taylor":
-            scores = taylor_scores(model, calibration_ids(), layers, hd, g, options.attention,
-                                   options.mlp)
+            with placed(model, whole=True):
+                scores = taylor_scores(model, calibration_ids(), layers, hd, g,
+                                       options.attention, options.mlp)
         else:
             scores = {i: magnitude_scores(stack[i], hd, g, options.attention, options.mlp)
                       for i in layers}
