@@ -59,10 +59,11 @@ class SpeedStage(StageKind):
     def memory(self, section: Speed, m):
         """The weights, dense, or while the sparse kernel runs in its layout, bounded by CSR's
         (a value and an int64 column index per kept weight, a row pointer per row; BSR and 2:4
-        layouts are smaller), with one linear's conversion through COO; the larger
-        of a prefill at the longest prompt (a layer's forward and every position's logits) and
-        a decode at the largest batch (the KV cache of prompt and new tokens, the prompt's
-        prefill); with a sparse kernel, the two float32 logits compared with the dense ones."""
+        layouts are smaller), with one linear's conversion through COO; the larger of a
+        prefill at the longest prompt (a layer's forward with its attention scores, then every
+        position's logits) and a decode at the largest batch (the KV cache of prompt and new
+        tokens, the prompt's prefill); with a sparse kernel, the two float32 logits compared
+        with the dense ones."""
         from sparselab.evaluate.speed import MIN_ZEROS
         from sparselab.footprint import Need
         s, b = m.shape, m.bytes
@@ -78,7 +79,10 @@ class SpeedStage(StageKind):
             weights = max(weights, m.weights - numel * b + kept * (b + 8) + rows * 8
                           + converting)
         longest = max(section.prompt_lengths)
-        prefill = max(m.layer_forward(longest), longest * s.vocab * b)
+        # one layer's attention scores and probabilities in float32 where the kernel makes them
+        # (a CPU's; a GPU's flash kernels do not: there this over-counts a little)
+        scores = 2 * s.heads * longest * longest * 4
+        prefill = max(m.layer_forward(longest) + scores, longest * s.vocab * b)
         prompt, batch = section.decode_prompt, max(section.batch_sizes)
         cache = 2 * s.layers * batch * (prompt + section.new_tokens) * s.kv_heads * s.head_dim * b
         decode = cache + max(m.layer_forward(batch * prompt), batch * prompt * s.vocab * b)
