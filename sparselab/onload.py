@@ -9,6 +9,7 @@ on the accelerator instead of the model's. Where it applies:
 - the layer-wise pruning walk (sparselab.prune.walk): the embedding while the first layer's
   inputs are caught, then each decoder layer for its statistics, pruning and forward; the
   calibration activations stay on the host too, one sample visiting at a time;
+- magnitude pruning: each decoder layer for its masks;
 - structured pruning's layer importance (sparselab.prune.layer_importance): the same walk, and
   the layers after a skipped one again;
 - the reconstruction recovery: the pair of layers (pruned, dense) being fitted;

@@ -190,3 +190,33 @@ def test_onloaded_structured_pruning_equals_the_on_device_path(tiny_model_dir, t
     for name, value in weights.items():
         assert torch.equal(value, reference[name]), name
     assert all(p.device.type == HOST for p in onloaded.model.parameters())
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "block:16x16"])
+def test_onloaded_magnitude_pruning_equals_the_on_device_path(tiny_model_dir, tmp_path,
+                                                              monkeypatch, pattern):
+    """Magnitude pruning under onloading: each decoder layer visits the accelerator for its
+    masks, one at a time; the same weights come out."""
+    import logging
+
+    from sparselab.data.catalog import resolve_data_dir
+    from sparselab.matrix import Prune
+    from sparselab.models import load_model
+    from sparselab.prune.base import PruneContext
+    from sparselab.registry import PRUNING
+
+    def pruned(on: bool):
+        monkeypatch.setenv("SPARSELAB_ONLOAD", "1" if on else "0")
+        loaded = load_model(tiny_model_dir)
+        visits = Visits(monkeypatch, loaded.model)
+        config = Prune(method="magnitude", sparsity=0.5, pattern=pattern)
+        PRUNING.get("magnitude")().prune(loaded, PruneContext(
+            config, resolve_data_dir("builtin"), tmp_path, logging.getLogger("test")))
+        monkeypatch.undo()
+        return loaded.model.state_dict(), visits
+
+    plain, not_visited = pruned(False)
+    onloaded, visits = pruned(True)
+    assert not not_visited.visits and visits.visits == [0, 1, 2, 3] and visits.most == 1
+    for name, value in onloaded.items():
+        assert torch.equal(value, plain[name]), name

@@ -67,13 +67,15 @@ class PruningMethod(abc.ABC):
         """Validation that needs the model's shape (its config, no weights); ValueError if bad."""
 
     def memory(self, config: Prune, m):
-        """Predicted peak (sparselab.footprint): the model and one linear's mask at a time,
-        as magnitude-style methods hold; layer-wise methods add their walk."""
+        """Predicted peak (sparselab.footprint): the model (onloaded: the layer visiting) and
+        one linear's mask at a time, as magnitude-style methods hold; layer-wise methods add
+        their walk."""
         from sparselab.footprint import Need, mask_working
         s = m.shape
         pruned = config.sparsity
         work = max(mask_working(o, i, pruned) for o, i in s.linears().values())
-        return Need.of({"weights": m.weights, "mask": work}, 0)
+        return Need.of({"weights": m.resident_weights, "mask": work},
+                       m.weights if m.onload else 0)
 
     @abc.abstractmethod
     def prune(self, loaded: LoadedModel, ctx: PruneContext) -> dict[str, float]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from sparselab.models import LoadedModel
+from sparselab.onload import execution_device, visiting
 from sparselab.prune.base import PruneContext, PruningMethod
 from sparselab.prune.layers import layer_index, prunable_linears
 from sparselab.prune.magnitude.config import MagnitudeOptions
@@ -31,6 +32,7 @@ from sparselab.shapes import decoder_layers
 class MagnitudePruning(PruningMethod):
     Options = MagnitudeOptions
     patterns = ("unstructured", "nm", "block", "tiers")
+    onloads = True  # under --onload each decoder layer visits the accelerator for its masks
 
     def check(self, config) -> None:
         super().check(config)
@@ -54,12 +56,18 @@ class MagnitudePruning(PruningMethod):
         linears = prunable_linears(loaded.model)
         for name, linear in linears.items():
             pattern.check_shape(name, tuple(linear.weight.shape))
+        by_layer: dict[int, dict[str, torch.nn.Module]] = {}
         for name, linear in linears.items():
-            index = layer_index(name)
+            by_layer.setdefault(layer_index(name), {})[name] = linear
+        layers, device = decoder_layers(loaded.model), execution_device(loaded.model)
+        for index, named in by_layer.items():
             if index in config.skip_layers:
                 continue
-            weight = linear.weight
-            keep = pattern.mask(weight.abs().float(), sparsities[index], per_row=False)
-            weight.masked_fill_(~keep, 0)
-            pattern.verify(name, weight, keep, pattern.target(sparsities[index]), slack=1)
+            with visiting([layers[index]], device):
+                for name, linear in named.items():
+                    weight = linear.weight
+                    keep = pattern.mask(weight.abs().float(), sparsities[index], per_row=False)
+                    weight.masked_fill_(~keep, 0)
+                    pattern.verify(name, weight, keep, pattern.target(sparsities[index]),
+                                   slack=1)
         return {}
