@@ -246,6 +246,29 @@ def test_reconstruct_lowers_every_parts_error_and_keeps_the_masks(tiny_model_dir
     assert error_after < error_before, (error_after, error_before)
 
 
+def test_reconstruct_of_a_bf16_model_fits_in_float32_and_comes_back_bf16(tiny_model_dir,
+                                                                          tmp_path):
+    """A bf16 model's parts train in float32 and return to bf16: every part's error falls, the
+    dtype is the model's again and the zeros are exactly the pruned ones."""
+    from sparselab.models import load_model
+    from sparselab.recover.reconstruct import ReconstructRecovery
+    pruned = load_model(tiny_model_dir, dtype="bfloat16")
+    dense = load_model(tiny_model_dir, dtype="bfloat16")
+    _prune(pruned, "block:16x16")
+    zeros = {n: (l.weight == 0).clone() for n, l in prunable_linears(pruned.model).items()}
+    ctx = _ctx(tmp_path, method="reconstruct", data="wikitext2",
+               train={"samples": 8, "seqlen": 32, "batch_size": 4, "epochs": 10, "lr": 1e-3,
+                      "schedule": "constant"})
+    ctx.dense = lambda: dense
+    recovered, metrics = ReconstructRecovery().recover(pruned, ctx)
+    for row in (tmp_path / "artifacts" / "reconstruction.csv").read_text().splitlines()[1:]:
+        _, part, before, after = row.split(",")
+        assert float(after) < 0.9 * float(before), row
+    assert {p.dtype for p in recovered.model.parameters()} == {torch.bfloat16}
+    for name, linear in prunable_linears(recovered.model).items():
+        assert torch.equal(linear.weight == 0, zeros[name]), name
+
+
 @pytest.mark.slow
 def test_reconstruct_in_a_matrix_reads_the_dense_model_of_its_cell(workspace):
     from click.testing import CliRunner
