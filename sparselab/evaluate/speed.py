@@ -74,7 +74,7 @@ def _compact_csr(weight: torch.Tensor) -> torch.Tensor:
     (8 more bytes per kept weight). Copies of all three parts, so no view keeps it alive."""
     csr = weight.to_sparse_csr()
     return torch.sparse_csr_tensor(csr.crow_indices().clone(), csr.col_indices().clone(),
-                                   csr.values().clone(), csr.shape)
+                                   csr.values().clone(), csr.shape, check_invariants=False)
 
 
 CSR = Kernel("csr", "torch sparse CSR matmul", _compact_csr)
