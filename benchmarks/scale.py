@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -37,8 +38,18 @@ GUIDE = {  # the task_specific matrix's "full settings" (its header comment)
     "evaluate.perplexity.seqlen": 2048, "evaluate.perplexity.batch_size": 4,
     "evaluate.answer_loss.seqlen": 1024, "evaluate.batch_size": 8,
 }
-ZEROS = "zeros"  # not a setting: the share of zeros the pruned parent left (probe --zeros)
-STAGES = [  # (label, stage, settings beyond GUIDE)
+
+
+class Probe(NamedTuple):
+    """One row: a stage at the GUIDE settings plus `settings`; `zeros` is the share of zeros the
+    pruned parent left (the probe's --zeros), which the speed stage's sparse layouts depend on."""
+    label: str
+    stage: str
+    settings: dict
+    zeros: float = 0.0
+
+
+STAGES = [Probe(*row) for row in [
     ("load", "load", {}),
     ("prune wanda 50%", "prune", {"prune.method": "wanda"}),
     ("prune sparsegpt 50%", "prune", {"prune.method": "sparsegpt"}),
@@ -57,8 +68,8 @@ STAGES = [  # (label, stage, settings beyond GUIDE)
      {"prune.method": "gqa_structured", "prune.sparsity": 0.25,
       "prune.options.importance": "magnitude", "prune.options.layer_importance": "cosine"}),
     ("speed, dense", "speed", {"evaluate.speed": {}}),
-    ("speed, 50% unstructured (CSR)", "speed", {"evaluate.speed": {}, ZEROS: 0.5}),
-]
+    ("speed, 50% unstructured (CSR)", "speed", {"evaluate.speed": {}}, 0.5),
+]]
 NEW_ON_GPU = 9  # the stages after the first nine are not in the device check sized for 10 min
 SHAPES = ("random-llama-2-7b", "random-llama-3-8b", "random-llama-3-70b")
 
@@ -77,17 +88,16 @@ def predict(out: Path) -> None:
              "2,048 tokens assumed).\n",
              "| stage | " + " | ".join(n.removeprefix("random-") for n in SHAPES) + " |",
              "| --- |" + " --- |" * len(SHAPES)]
-    for label, stage, extra in STAGES + [("lm-eval tasks", "tasks", {})]:
+    for label, stage, extra, zeros in STAGES + [Probe("lm-eval tasks", "tasks", {})]:
         cells = []
         for name in SHAPES:
             tree: dict = {"model": name, "dtype": "bfloat16"}
-            for key, value in _settings({**GUIDE, **extra}).items():
+            for key, value in {**GUIDE, **extra}.items():
                 set_dotted(tree, key, value)
             cell = CellConfig.model_validate(tree)
             kind = by_name[stage]
             section = kind.section_of(cell)
             shape = Shape.of(model_source(name).config())
-            zeros = extra.get(ZEROS, 0.0)
             resident = kind.memory(section, MemoryContext(shape, "bfloat16", zeros=zeros))
             onload = kind.onloads_for(section)
             onloaded = kind.memory(section, MemoryContext(shape, "bfloat16", True, zeros)) \
@@ -98,10 +108,6 @@ def predict(out: Path) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     out.write_text(text)
-
-
-def _settings(settings: dict) -> dict:
-    return {key: value for key, value in settings.items() if key != ZEROS}
 
 
 def measure(out: Path, gpu: bool, models: Path, only: str | None = None) -> None:
@@ -128,7 +134,7 @@ def measure(out: Path, gpu: bool, models: Path, only: str | None = None) -> None
         runs = [("probe-a", "float32", small, False), ("probe-b", "bfloat16", small_bf16, False)]
     rows = []
     for name, dtype, settings, onload in runs:
-        for label, stage, extra in STAGES[:NEW_ON_GPU] if gpu else STAGES:
+        for label, stage, extra, zeros in STAGES[:NEW_ON_GPU] if gpu else STAGES:
             if only and only not in label:
                 continue
             if onload and stage in ("load", "recover") and "reconstruct" not in str(extra):
@@ -142,10 +148,10 @@ def measure(out: Path, gpu: bool, models: Path, only: str | None = None) -> None
                 args += ["--shape", json.dumps(shapes[name])]
             if onload:
                 args.append("--onload")
-            for key, value in _settings({**settings, **extra}).items():
+            for key, value in {**settings, **extra}.items():
                 args += ["--set", f"{key}={value}"]
-            if ZEROS in extra:
-                args += ["--zeros", str(extra[ZEROS])]
+            if zeros:
+                args += ["--zeros", str(zeros)]
             env = {**os.environ, "SPARSELAB_ONLOAD": "1" if onload else "0"}
             done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO)
             if done.returncode != 0:
