@@ -181,15 +181,23 @@ class Prune(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _nm_sets_sparsity(cls, data: Any) -> Any:
-        """Without a `sparsity`, an N:M pattern's own (1 - N/M) is recorded, not the default
-        (a contradicting one is refused by `PruningMethod.check`, after the method's own
-        objections to the pattern)."""
+    def _pattern_sets_sparsity(cls, data: Any) -> Any:
+        """Without a `sparsity`, a pattern that fixes its own (N:M: 1 - N/M; tiers: from
+        options.tiers) is recorded, not the default (a contradicting one is refused by
+        `PruningMethod.check`, after the method's own objections to the pattern)."""
         pattern = data.get("pattern") if isinstance(data, dict) else None
         if isinstance(pattern, str) and "sparsity" not in data:
             kind, args = _try_parse_pattern(pattern)
             if kind == "nm":
                 return {**data, "sparsity": 1 - args[0] / args[1]}
+            if kind == "tiers":
+                from sparselab.prune.options import TierOptions
+                options = data.get("options")
+                tiers = options.get("tiers", {}) if isinstance(options, dict) else {}
+                try:
+                    return {**data, "sparsity": TierOptions.model_validate(tiers).sparsity}
+                except ValidationError:  # reported where the method's options are validated
+                    return data
         return data
 
     @field_validator("method")

@@ -100,3 +100,19 @@ def test_nm_pattern_sets_the_sparsity_it_implies():
     with pytest.raises(UserError, match="keeps 2 of every 4 weights") as refused:
         PRUNING.get("wanda")().check(Prune(pattern="2:4", sparsity=0.7))
     assert refused.value.key == "prune.sparsity"
+
+
+def test_tiers_pattern_sets_the_sparsity_its_ratios_imply():
+    from sparselab.errors import UserError
+    from sparselab.matrix import Prune
+    from sparselab.registry import PRUNING
+    half = {"tiers": {"ratios": [0.25, 0.5, 0.25], "nm": "2:4", "block": 16}}
+    assert Prune(pattern="tiers").sparsity == pytest.approx(0.425)  # the default ratios
+    assert Prune(pattern="tiers", options=half).sparsity == 0.5
+    for method in ("wanda", "sparsegpt"):
+        PRUNING.get(method)().check(Prune(method=method, pattern="tiers", options=half,
+                                          sparsity=0.5))
+        # a 50% default beside the default tiers (42.5%) is a contradiction, not a silent 42.5%
+        with pytest.raises(UserError, match=r"prunes 0.425 .* prune.sparsity is 0.5") as refused:
+            PRUNING.get(method)().check(Prune(method=method, pattern="tiers", sparsity=0.5))
+        assert refused.value.key == "prune.sparsity"

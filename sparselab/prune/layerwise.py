@@ -118,10 +118,6 @@ class LayerwisePruning(PruningMethod):
         validate_ratios(config, len(layers))
         for name, linear in prunable_linears(model).items():  # fail before any work
             pattern.check_shape(name, tuple(linear.weight.shape))
-        fixed = pattern.fixed_sparsity
-        if fixed is not None and abs(fixed - config.sparsity) > 1e-9:
-            ctx.log.warning("pattern '%s' fixes the sparsity at %.4f; prune.sparsity %.4f is not "
-                            "used", config.pattern, pattern.fixed_sparsity, config.sparsity)
         calib = calibration_set(loaded.tokenizer, config.calibration, ctx.source)
         ctx.log.info("calibration: %s, %d x %d tokens, splits %s, sha256 %s",
                      calib.fingerprint["data"], calib.samples, calib.seqlen, calib.splits,

@@ -14,8 +14,9 @@ prune:
 The weight matrix is cut into `block` x `block` blocks ranked by their summed score: the top
 `ratios[0]` of the blocks stay dense, the next `ratios[1]` get N:M inside the block, the last
 `ratios[2]` are removed. Overall sparsity = ratios[1] * (1 - N/M) + ratios[2]: with the defaults
-0.45 * 0.5 + 0.20 = 0.425 (`prune.sparsity` is not used; the tiers fix it). Block counts per tier
-are rounded to whole blocks (dense and removed rounded to nearest, the N:M tier takes the rest).
+0.45 * 0.5 + 0.20 = 0.425 (the tiers fix it: `prune.sparsity` records it, another value is
+refused). Block counts per tier are rounded to whole blocks (dense and removed rounded to nearest,
+the N:M tier takes the rest).
 Blocks are ranked across the whole matrix, or within each block-row or block-column
 (`options.blocks`, sparselab.prune.options.BlockOptions); every group then holds its own counts.
 
