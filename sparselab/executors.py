@@ -178,7 +178,17 @@ class RayExecutor:
         running: dict[Any, str] = {}
         open_cells = list(cells)
         outcomes: list[CellOutcome] = []
+
+        def settle_ready() -> None:
+            for cell in list(open_cells):
+                outcome = self._settle(cell, schedule, hits[id(cell)])
+                if outcome is not None:
+                    open_cells.remove(cell)
+                    outcomes.append(outcome)
+                    events.cell_done(outcome)
+
         try:
+            settle_ready()  # cells whose stages were all cached before any task ran
             while waiting or running:
                 for key in list(waiting):
                     if self.max_concurrent and len(running) >= self.max_concurrent:
@@ -198,12 +208,7 @@ class RayExecutor:
                     ready, _ = ray.wait(list(running), num_returns=1)
                     for ref in ready:
                         self._collect(ray, ref, running.pop(ref), schedule)
-                for cell in list(open_cells):
-                    outcome = self._settle(cell, schedule, hits[id(cell)])
-                    if outcome is not None:
-                        open_cells.remove(cell)
-                        outcomes.append(outcome)
-                        events.cell_done(outcome)
+                settle_ready()
         except KeyboardInterrupt:
             for ref in running:
                 ray.cancel(ref, force=True)

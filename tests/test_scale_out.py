@@ -164,6 +164,26 @@ def test_ray_on_postgres_server_matches_a_sequential_run(tmp_path, mlflow_server
     assert not any((ray_home / "tmp").iterdir())
 
 
+def test_ray_finishes_cells_whose_stages_are_all_cached(workspace):
+    """A cell computed before (same stage cache) but new to this store: no Ray task runs, and
+    the cell is still logged FINISHED from the cache, not left RUNNING."""
+    home = workspace / "home"
+    first = f"sqlite:///{workspace}/first.db"
+    out = _sparselab("run", SMOKE, "--only", "baseline", env=_env(home, first), cwd=workspace)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    second = f"sqlite:///{workspace}/second.db"
+    out = _sparselab("run", SMOKE, "--only", "baseline", "--executor", "ray",
+                     env=_env(home, second), cwd=workspace)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "2 finished" in " ".join(out.stdout.split()), out.stdout[-3000:]
+    cached, before = _cells(second), _cells(first)
+    assert sorted(cached) == sorted(before) == ["baseline", "dense"]
+    for name, run in cached.items():
+        assert run.info.status == "FINISHED", name
+        assert run.data.tags["sparselab.executor"] == "ray"
+        assert _deterministic(run) == _deterministic(before[name])
+
+
 def _deterministic(run) -> dict[str, float]:
     """A run's metrics without timings, speeds and memory, which differ from run to run."""
     return {k: v for k, v in run.data.metrics.items()
