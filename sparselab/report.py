@@ -744,9 +744,15 @@ def pivot(report: Report, rows_key: str, cols_key: str, metric: str) -> tuple[li
     return header, body
 
 
+def spans_orders(values: list[float]) -> bool:
+    """A log axis reads better: positive values more than 100x apart (a broken cell next to
+    good ones)."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 100
+
+
 def plot(report: Report, file: Path) -> None:
     """One panel per metric (at most PLOT_COLUMNS to a row), one bar per cell, stderr as error
-    bars."""
+    bars; a log axis where the cells' values span more than two orders of magnitude."""
     from sparselab.plots import plt
     cells = [r for r in report.rows if r.status == "FINISHED"]
     columns = min(len(report.metrics), PLOT_COLUMNS)
@@ -764,6 +770,8 @@ def plot(report: Report, file: Path) -> None:
         ax.set_xticklabels([row_label(report, r) for r in cells], rotation=60, ha="right",
                            fontsize=7)
         ax.set_title(metric, fontsize=9)
+        if spans_orders([v for r in cells if (v := r.value(metric)) is not None]):
+            ax.set_yscale("log")
     fig.suptitle(report.title, fontsize=10)
     fig.tight_layout()
     fig.savefig(file, dpi=110)
@@ -810,8 +818,7 @@ def plot_pareto(report: Report, file: Path) -> bool:
     ax.plot([points[n][0] for n in front], [points[n][1] for n in front], "--", color="#c44e52",
             zorder=2, label="Pareto front")
     ax.axvline(1.0, color="#cccccc", linewidth=0.8, zorder=1)
-    values = [y for _, y in points.values()]
-    if min(values) > 0 and max(values) / min(values) > 100:  # a broken cell next to good ones
+    if spans_orders([y for _, y in points.values()]):
         ax.set_yscale("log")
     ax.set_xlabel(f"speed-up over {base.cell} ({speed}, x)")
     ax.set_ylabel(other + (" (lower is better)" if sign < 0 else " (higher is better)"))

@@ -177,6 +177,22 @@ def test_plot_wraps_its_panels_into_rows(workspace):
     assert (width, height) == (1408, 1166)  # 4 x 3.2 in wide, 3 x 3.4 + 0.4 in high, at 110 dpi
 
 
+def test_plot_uses_a_log_axis_where_cells_span_orders_of_magnitude(workspace, monkeypatch):
+    """A perplexity of 12 million beside 29 would flatten every good cell to nothing."""
+    from sparselab.plots import plt
+    from sparselab.report import Row, build, plot
+    made = []
+    subplots = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: made.append(subplots(*a, **k)) or made[-1])
+    metrics = ["wikitext2.ppl", "sparsity.linear"]
+    values = {"a": {"wikitext2.ppl": 29.2, "sparsity.linear": 0.5},
+              "b": {"wikitext2.ppl": 1.2e7, "sparsity.linear": 0.6}}
+    rows = [Row(cell, "FINISHED", cell, {"x": cell}, values[cell]) for cell in ("a", "b")]
+    plot(build(rows, "t", metrics, "a"), workspace / "p.png")
+    (_, axes), = made
+    assert [ax.get_yscale() for ax in axes.flat[:2]] == ["log", "linear"]
+
+
 def test_pivot_and_where(store):
     _, _, path = store
     result = _report(path, "--pivot", "rows=prune.calibration.data cols=recover.data value=squadv2.f1")
