@@ -53,25 +53,27 @@ class PruningMethod(abc.ABC):
             raise ValueError(f"options.blocks says how the blocks of pattern block:RxC or tiers "
                              f"are compared; pattern '{config.pattern}' has no blocks. Remove "
                              f"options.blocks or use a block pattern.")
-        implied = 1 - args[0] / args[1] if kind == "nm" else None
-        if implied is not None and not math.isclose(config.sparsity, implied, abs_tol=1e-9):
+        from sparselab.prune.patterns import Pattern
+        pattern = Pattern.of(config)
+        fixed = pattern.fixed_sparsity
+        if fixed is None or math.isclose(config.sparsity, fixed, abs_tol=1e-6):
+            return
+        if kind == "nm":
             n, m = args
             raise UserError(
                 f"pattern '{config.pattern}' keeps {n} of every {m} weights (sparsity "
-                f"{implied:g}), but prune.sparsity is {config.sparsity:g}; set prune.sparsity: "
-                f"{implied:g} or leave it out. N:M counts the weights kept, as NVIDIA's 2:4 does "
+                f"{fixed:g}), but prune.sparsity is {config.sparsity:g}; set prune.sparsity: "
+                f"{fixed:g} or leave it out. N:M counts the weights kept, as NVIDIA's 2:4 does "
                 f"(the Wanda command line's prune_n counts those pruned: they agree only for 2:4 "
                 f"and 4:8).", key="prune.sparsity")
-        tiers = getattr(config.method_options, "tiers", None) if kind == "tiers" else None
-        if tiers is not None and not math.isclose(config.sparsity, tiers.sparsity, abs_tol=1e-6):
-            n, m = tiers.nm_args
-            raise UserError(
-                f"pattern 'tiers' with options.tiers.ratios {list(tiers.ratios)} and nm "
-                f"'{tiers.nm}' prunes {tiers.sparsity:g} of the weights (ratios[1] x (1 - {n}/{m}) "
-                f"+ ratios[2]), but prune.sparsity is {config.sparsity:g}; set prune.sparsity: "
-                f"{tiers.sparsity:g} or leave it out, or choose ratios that give "
-                f"{config.sparsity:g} (e.g. [0.25, 0.5, 0.25] with 2:4 gives 0.5).",
-                key="prune.sparsity")
+        n, m = pattern.tiers.nm_args
+        raise UserError(
+            f"pattern 'tiers' with options.tiers.ratios {list(pattern.tiers.ratios)} and nm "
+            f"'{pattern.tiers.nm}' prunes {fixed:g} of the weights (ratios[1] x (1 - {n}/{m}) "
+            f"+ ratios[2]), but prune.sparsity is {config.sparsity:g}; set prune.sparsity: "
+            f"{fixed:g} or leave it out, or choose ratios that give "
+            f"{config.sparsity:g} (e.g. [0.25, 0.5, 0.25] with 2:4 gives 0.5).",
+            key="prune.sparsity")
 
     def check_model(self, config: Prune, model_config) -> None:
         """Validation that needs the model's shape (its config, no weights); ValueError if bad."""
