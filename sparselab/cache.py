@@ -11,10 +11,13 @@ metrics, per-example scores); the weights are hashed in full by `cache verify` a
 is computed from them (`StageRunner`). An entry that fails is moved to `damaged/` (kept for a look,
 never read again) and counts as absent, so it is recomputed; the log says so. Entries written
 before checksums existed have no `files.json` and are read as they are.
+
+Entries are also checked against the code asking for them (sparselab.provenance): an entry whose
+meta names other code than the caller's `StageCode` is moved to `superseded/` and counts as
+absent, so it is recomputed by the current code; the log says which files differ.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+
+from sparselab.provenance import StageCode, difference, file_sha256
+
+AFFECTS_RESULTS = False  # stores, never computes: sparselab.provenance leaves it out
 
 log = logging.getLogger("sparselab")
 
@@ -72,8 +79,10 @@ class StageCache:
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else sparselab_home()
 
-    def entry(self, stage: str, key: str, full: bool = False) -> Entry | None:
-        """The entry, or None when there is none or it is damaged (then it is set aside).
+    def entry(self, stage: str, key: str, full: bool = False,
+              code: StageCode | None = None) -> Entry | None:
+        """The entry, or None when there is none, it is damaged, or (given `code`, the code now
+        asking) it was made by other code; the last two are set aside.
         `full`: hash every file, weights included, not only the small ones."""
         path = self.root / "stages" / stage / key
         if not (path / "meta.json").is_file():
@@ -83,19 +92,23 @@ class StageCache:
         if problem:
             self.set_aside(entry, problem)
             return None
+        if code is not None and (made := made_by_other_code(entry, code)):
+            self.set_aside(entry, made, "superseded")
+            return None
         return entry
 
-    def set_aside(self, entry: Entry, problem: str) -> Path | None:
-        """Move a damaged entry to damaged/ with a note; it will be recomputed."""
-        target = self.root / "damaged" / f"{entry.stage}-{entry.key}-{uuid.uuid4().hex[:8]}"
+    def set_aside(self, entry: Entry, problem: str, why: str = "damaged") -> Path | None:
+        """Move an entry that must not be served to damaged/ (or superseded/) with a note; it
+        will be recomputed."""
+        target = self.root / why / f"{entry.stage}-{entry.key}-{uuid.uuid4().hex[:8]}"
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(entry.path, target)
         except OSError:  # another runner set it aside first
             return None
         (target / "damage.txt").write_text(problem + "\n")
-        log.warning("cache entry %s/%s is damaged (%s): set aside to %s; it will be recomputed",
-                    entry.stage, entry.key, problem, target)
+        log.warning("cache entry %s/%s is %s (%s): set aside to %s; it will be recomputed",
+                    entry.stage, entry.key, why, problem, target)
         return target
 
     @contextmanager
@@ -161,17 +174,20 @@ class StageCache:
         return doomed
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def made_by_other_code(entry: Entry, code: StageCode) -> str | None:
+    """Why an entry was made by other code than `code`, or None when it was made by this code."""
+    try:
+        recorded = entry.meta.get("code")
+    except (OSError, ValueError) as exc:
+        return f"its meta.json is unreadable ({exc})"
+    if isinstance(recorded, dict) and recorded.get("lineage") == code.lineage:
+        return None
+    return "made by other code: " + difference(recorded, code)
 
 
 def manifest(folder: Path) -> dict[str, dict[str, Any]]:
     """relative path -> size and sha256 of every file of an entry folder (but the manifest)."""
-    return {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+    return {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
 
 
@@ -192,7 +208,7 @@ def damage(folder: Path, full: bool = False) -> str | None:
             return f"{name} is missing"
         if size != expected["size"]:
             return f"{name} has {size} bytes, {expected['size']} were written"
-        if (full or size <= SMALL_FILE) and _sha256(path) != expected["sha256"]:
+        if (full or size <= SMALL_FILE) and file_sha256(path) != expected["sha256"]:
             return f"{name} has changed since it was written (sha256)"
     return None
 

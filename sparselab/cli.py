@@ -110,11 +110,11 @@ def _memory_limit(device_memory: str | None, detect: bool) -> tuple[int | None, 
 def _memory_rows(plans, onload: bool, cache=None):
     """Predicted peaks of the distinct stages (those still to run, given a cache)."""
     from sparselab.footprint import matrix_memory
-    from sparselab.stages import stage_status
+    from sparselab.stages import STORED, stage_status
     rows = matrix_memory(plans, onload)
     if cache is None:
         return rows
-    to_run = {s.key for p in plans for _, s in p.roles() if stage_status(s, cache) == "to run"}
+    to_run = {s.key for p in plans for _, s in p.roles() if stage_status(s, cache) not in STORED}
     return [r for r in rows if r.key in to_run]
 
 
@@ -166,7 +166,7 @@ def plan(matrix, only, sets, data_dir, device_memory, onload, limits) -> None:
     """List the cells, the stages each needs, which are shared and which are cached, and each
     distinct stage's predicted peak memory (refused, exit 2, if over --device-memory)."""
     from sparselab.cache import StageCache
-    from sparselab.stages import kinds, stage_status
+    from sparselab.stages import STORED, kinds, stage_status
     mf, plans = prepare_plans(matrix, only, sets, data_dir, limits)
     cache = StageCache()
     users = Counter(stage.key for p in plans for _, stage in p.roles())
@@ -188,7 +188,7 @@ def plan(matrix, only, sets, data_dir, device_memory, onload, limits) -> None:
         for _, stage in p.roles():
             if stage.key not in distinct.setdefault(stage.kind.name, set()):
                 distinct[stage.kind.name].add(stage.key)
-                cached[stage.kind.name] += stage_status(stage, cache) != "to run"
+                cached[stage.kind.name] += stage_status(stage, cache) in STORED
     for kind in kinds():
         if kind.name in distinct:
             console.print(f"{kind.name}: {len(distinct[kind.name])} distinct, "

@@ -163,7 +163,7 @@ class RayExecutor:
             ray.shutdown()
 
     def _run(self, ray, cells: list[CellRun], events: Events, home: str) -> list[CellOutcome]:
-        hits = {id(cell): {role: self.cache.entry(stage.kind.name, stage.key) is not None
+        hits = {id(cell): {role: stage.entry(self.cache) is not None
                            for role, stage in cell.plan.roles()} for cell in cells}
         schedule = _Schedule({stage.key: (stage, cell.plan) for cell in cells
                               for role, stage in cell.plan.roles() if not hits[id(cell)][role]})
@@ -249,7 +249,7 @@ class RayExecutor:
             first = next(stage for (_, stage), state in zip(roles, states) if state == "failed")
             result = schedule.failed[first.key]
             return cell.fail(f"{first.label}: {result.error}", result.trace, logs, tags)
-        entries = {role: self.cache.entry(stage.kind.name, stage.key) for role, stage in roles}
+        entries = {role: stage.entry(self.cache) for role, stage in roles}
         hits = {role: hits[role] or (stage.key in schedule.results
                                      and not schedule.results[stage.key].computed)
                 for role, stage in roles}

@@ -28,7 +28,7 @@ import yaml
 from sparselab import __version__
 from sparselab.cache import StageCache
 from sparselab.errors import UserError
-from sparselab.stages import CellPlan, Stage, stage_status
+from sparselab.stages import STORED, CellPlan, Stage, stage_status
 
 EXPORT_FILE = "sparselab_export.json"  # provenance for programs; README.md is for people
 
@@ -45,17 +45,17 @@ def export_cell(plan: CellPlan, matrix_name: str, dest: Path, merge: bool,
                 run_id: str | None = None) -> Exported:
     """Write the cell's final model to `dest` (which must be absent or empty)."""
     cache = StageCache()
-    missing = [s for s in plan.model.lineage() if stage_status(s, cache) == "to run"]
+    missing = [s for s in plan.model.lineage() if stage_status(s, cache) not in STORED]
     if missing:
-        raise UserError(f"cell '{plan.cell.name}' has not been run: its stage {missing[0].kind.name} "
-                        f"({missing[0].label}, key {missing[0].key}) is not in the cache "
-                        f"{cache.root}. Run it first: sparselab run <matrix> --only "
-                        f"{plan.cell.name}", key="CELL")
+        raise UserError(f"cell '{plan.cell.name}' has not been run by this code: its stage "
+                        f"{missing[0].kind.name} ({missing[0].label}, key {missing[0].key}) is "
+                        f"{stage_status(missing[0], cache)} in the cache {cache.root}. Run it "
+                        f"first: sparselab run <matrix> --only {plan.cell.name}", key="CELL")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UserError(f"--to {dest}: the folder exists and is not empty; give a new folder "
                         "(nothing is overwritten).", key="--to")
     final = plan.model
-    entry = cache.entry(final.kind.name, final.key) if not final.external else None
+    entry = final.entry(cache) if not final.external else None
     adapter = entry is not None and (entry.path / "adapter").is_dir()
     dest.mkdir(parents=True, exist_ok=True)
     try:
@@ -92,7 +92,7 @@ def _write_model(stage: Stage, plan: CellPlan, dest: Path) -> None:
         cfg = plan.cell.config
         save_model(model_source(cfg.model).load(cfg.dtype, cfg.trust_remote_code), dest)
         return
-    entry = StageCache().entry(stage.kind.name, stage.key, full=True)  # weights hashed before copying
+    entry = stage.entry(StageCache(), full=True)  # weights hashed before copying
     if entry is None:
         raise UserError(f"the cache entry of {stage.label} ({stage.kind.name}/{stage.key}) is "
                         "damaged and was set aside; run the cell again, then export.", key="CELL")
@@ -140,7 +140,7 @@ def _write_card(plan: CellPlan, matrix_name: str, exported: Exported, run_id: st
     cache = StageCache()
     cfg = plan.cell.config
     entries = {role: e for role, stage in plan.roles()
-               if not stage.external and (e := cache.entry(stage.kind.name, stage.key)) is not None}
+               if not stage.external and (e := stage.entry(cache)) is not None}
     metrics = {k: v for k, v in cell_metrics(plan, entries).items() if not k.startswith("time.")}
     stages = {role: stage.key for role, stage in plan.roles()}
     provenance = {"sparselab_version": __version__, "matrix": matrix_name,

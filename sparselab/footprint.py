@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+AFFECTS_RESULTS = False  # plans or reports only: sparselab.provenance leaves it out
+
 GIB = 1024 ** 3
 HEADROOM = 0.9  # of the device's memory a plan may fill: the rest is allocator slack and context
 TASK_CONTEXT = 2048  # the longest lm-eval prompt a plan assumes (the data decides)

@@ -40,7 +40,16 @@ class ModelSource:
         self.name = name
 
     def identity(self) -> dict[str, Any]:
-        return {"model": self.name}
+        """What names the model in stage keys: a hub id by its name; a local folder or file by
+        its content too, so replaced weights are another model (hashed once, then again only
+        for files whose size or modification time changed)."""
+        path = Path(self.name).expanduser()
+        if not path.exists():
+            return {"model": self.name}
+        from sparselab.cache import sparselab_home
+        from sparselab.provenance import content_fingerprint
+        return {"model": self.name,
+                "content": content_fingerprint(path, sparselab_home() / "content.json")}
 
     @property
     def hub_id(self) -> str | None:

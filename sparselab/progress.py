@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+AFFECTS_RESULTS = False  # plans or reports only: sparselab.provenance leaves it out
+
 Listener = Callable[[int, int, str], None]
 _listeners: list[Listener] = []
 

@@ -30,6 +30,12 @@ class Registry:
     def target(self, name: str) -> str:
         return self._entries[name]
 
+    def module_of(self, name: str) -> str:
+        """The module the entry lives in, without importing it (sparselab.provenance)."""
+        self.check(name)
+        target = self._entries[name]
+        return target.partition(":")[0] if isinstance(target, str) else target.__module__
+
     def check(self, name: str) -> None:
         """Raise ValueError (turned into a UserError by the caller) for an unknown name."""
         if name not in self._entries:

@@ -33,6 +33,8 @@ from sparselab.matrix import ReportSpec, is_dense_reference
 from sparselab.stats import Comparison, adjust, mcnemar_min_discordant, paired, unpaired
 from sparselab.tracking import run_metrics
 
+AFFECTS_RESULTS = False  # plans or reports only: sparselab.provenance leaves it out
+
 ARROWS = {"up": "↑", "down": "↓", "same": "≈", "unresolved": "?"}
 PLOT_COLUMNS = 4
 IGNORED_PARAMS = ("seed", "prune.calibration.seed", "recover.train.seed", "evaluate.seed")

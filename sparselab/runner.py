@@ -22,6 +22,7 @@ from sparselab.cache import Entry, StageCache
 from sparselab.evaluate.examples import role_metric
 from sparselab.matrix import Cell
 from sparselab.models import LoadedModel, compute_device_name
+from sparselab.provenance import describe
 from sparselab.stages import PRUNED_ROLE, CellPlan, Stage, StageContext
 from sparselab.tracking import current_names, environment_tags, split_stderr
 
@@ -44,11 +45,11 @@ class StageRunner:
 
     def ensure(self, stage: Stage, plan: CellPlan) -> Entry:
         kind = stage.kind
-        entry = self.cache.entry(kind.name, stage.key)
+        entry = stage.entry(self.cache)
         if entry is not None:
             return entry
         with self.cache.lock(kind.name, stage.key):
-            entry = self.cache.entry(kind.name, stage.key)  # another runner may have made it
+            entry = stage.entry(self.cache)  # another runner may have made it
             if entry is not None:
                 return entry
             parent_model = None
@@ -58,7 +59,8 @@ class StageRunner:
             self.on_stage(stage.label)
             log.info("stage %s %s: computing (%s)", kind.name, stage.key, stage.label)
             meta = {"label": stage.label, "config": stage.config,
-                    "parent": stage.parent.key if stage.parent else None}
+                    "parent": stage.parent.key if stage.parent else None,
+                    "code": stage.code.record()}
             with self.cache.writing(kind.name, stage.key, meta) as out:
                 start = time.perf_counter()
                 from sparselab.onload import placed
@@ -74,7 +76,7 @@ class StageRunner:
             if produced is not None:
                 self._held = (stage.key, produced)
             log.info("stage %s %s: done in %.1fs", kind.name, stage.key, metrics[kind.time_metric])
-            return self.cache.entry(kind.name, stage.key)
+            return stage.entry(self.cache)
 
     def _context(self, stage: Stage, plan: CellPlan, out: Path) -> StageContext:
         parent = stage.parent
@@ -98,8 +100,7 @@ class StageRunner:
         if self._held and self._held[0] == stage.key:
             return self._held[1]
         if not stage.external:  # its weights are about to be used: hash them in full first
-            entry = self.cache.entry(stage.kind.name, stage.key, full=True) \
-                or self.ensure(stage, plan)
+            entry = stage.entry(self.cache, full=True) or self.ensure(stage, plan)
             if self._held and self._held[0] == stage.key:  # it was damaged and is recomputed
                 return self._held[1]
         self._held = None  # free the memory of the old model before loading the next
@@ -223,6 +224,8 @@ class CellRun:
             self.tracker.set_tags(run_id, {
                 **{f"sparselab.stage.{role}.cache": "hit" if hit else "miss"
                    for role, hit in hits.items()},
+                **{f"sparselab.stage.{role}.code": describe(entry.meta.get("code"))
+                   for role, entry in entries.items()},
                 **{k: v for entry in entries.values() for k, v in entry.tags.items()},
                 **(tags or {})})
             metrics = cell_metrics(self.plan, entries)

@@ -31,6 +31,8 @@ import numpy as np
 
 from sparselab.evaluate.examples import Aggregate, aggregate
 
+AFFECTS_RESULTS = False  # plans or reports only: sparselab.provenance leaves it out
+
 POWER = 0.8
 RESAMPLES = 10_000
 Correction = Literal["holm", "bh", "none"]

@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 
 from sparselab.errors import UserError
 
+AFFECTS_RESULTS = False  # plans or reports only: sparselab.provenance leaves it out
+
 log = logging.getLogger("sparselab")
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"

@@ -29,6 +29,7 @@ class PruneContext:
     artifacts: Path  # files written here are logged with the run
     log: logging.Logger
     model_key: str = ""  # stage key of the model being pruned: analyses cached beside it key on it
+    model_code: str | None = None  # the code lineage that made that model (sparselab.provenance)
     cache: StageCache | None = None  # for a method's own cached analyses (e.g. layer importance)
 
 

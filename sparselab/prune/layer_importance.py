@@ -141,23 +141,28 @@ def cache_key(model_key: str, metric: str, calibration: dict[str, Any]) -> str:
 
 
 def cached(cache, model_key: str, metric: str, calibration: dict[str, Any],
-           compute: Callable[[], dict[str, Any]], log=None) -> tuple[dict[str, Any], bool]:
+           compute: Callable[[], dict[str, Any]], log=None,
+           model_code: str | None = None) -> tuple[dict[str, Any], bool]:
     """The analysis from the stage cache, or computed (under the key's lock) and stored.
-    Returns (analysis, whether it came from the cache). Without a cache or a model key: computed."""
+    Returns (analysis, whether it came from the cache). Without a cache or a model key: computed.
+    An entry made by other code, or from a model made by other code (`model_code`, its lineage),
+    is not served."""
     if cache is None or not model_key:
         return compute(), False
+    from sparselab.provenance import StageCode
     key = cache_key(model_key, metric, calibration)
-    entry = cache.entry(STAGE, key)
+    code = StageCode.of([__name__], model_code)
+    entry = cache.entry(STAGE, key, code=code)
     if entry is None:
         with cache.lock(STAGE, key):
-            entry = cache.entry(STAGE, key)
+            entry = cache.entry(STAGE, key, code=code)
             if entry is None:
                 if log is not None:
                     log.info("layer importance (%s): computing, key %s", metric, key)
                 result = compute()
                 result = {**result, "model_key": model_key, "calibration": calibration}
                 meta = {"label": f"layer importance {metric}", "model": model_key,
-                        "metric": metric, "calibration": calibration}
+                        "metric": metric, "calibration": calibration, "code": code.record()}
                 with cache.writing(STAGE, key, meta) as out:
                     (out / FILE).write_text(json.dumps(result, indent=1) + "\n")
                 return result, False

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from sparselab.cache import StageCache
+from sparselab.cache import StageCache, made_by_other_code
 from sparselab.data.catalog import DataSource
 from sparselab.matrix import (
     ADDED_EVALUATIONS,
@@ -41,8 +41,11 @@ from sparselab.stages.recover import RecoverStage
 from sparselab.stages.speed import SpeedStage
 from sparselab.stages.tasks import TasksStage
 
+AFFECTS_RESULTS = False  # plans or reports only: sparselab.provenance leaves it out
+
 __all__ = ["CellPlan", "ModelSection", "ModelStageKind", "Stage", "StageContext", "StageKind",
-           "kind_named", "kinds", "plan_cell", "register_evaluation", "stage_status", "unregister_evaluation"]
+           "STORED", "kind_named", "kinds", "plan_cell", "register_evaluation", "stage_status",
+           "unregister_evaluation"]
 
 LOAD, PRUNE, RECOVER = LoadStage(), PruneStage(), RecoverStage()
 MODEL_CHAIN: tuple[ModelStageKind, ...] = (LOAD, PRUNE, RECOVER)
@@ -142,7 +145,15 @@ def plan_cell(cell: Cell, source: DataSource) -> CellPlan:
     return CellPlan(cell, source, model, pruned_evaluations, final)
 
 
+STORED = ("cached", "external")  # the statuses of a stage that need not run
+
+
 def stage_status(stage: Stage, cache: StageCache) -> str:
+    """cached | external | to run | made by other code (an entry this code will not serve: a
+    run recomputes it). Looks only: nothing is set aside."""
     if stage.external:
         return "external"
-    return "cached" if cache.entry(stage.kind.name, stage.key) else "to run"
+    entry = cache.entry(stage.kind.name, stage.key)
+    if entry is None:
+        return "to run"
+    return "cached" if made_by_other_code(entry, stage.code) is None else "made by other code"

@@ -12,15 +12,18 @@ import abc
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
 
 from sparselab.data.catalog import DataSource
-from sparselab.matrix import CellConfig, DataRef
+from sparselab.matrix import CellConfig, DataRef, data_components
+from sparselab.provenance import StageCode
 
 if TYPE_CHECKING:
+    from sparselab.cache import Entry, StageCache
     from sparselab.footprint import MemoryContext, Need
     from sparselab.models import LoadedModel
 
@@ -96,6 +99,14 @@ class StageKind(abc.ABC):
         the data source does not enter the key either."""
         return []
 
+    def code_roots(self, section: BaseModel) -> list[str]:
+        """The modules whose source this stage's computation runs (sparselab.provenance follows
+        their imports): the kind's own and the datasets it reads. A kind that dispatches by name
+        through a registry adds the module it dispatches to."""
+        from sparselab.registry import DATASETS
+        names = {name for ref in self.data_refs(section) or [] for name in data_components(ref)}
+        return [type(self).__module__, *(DATASETS.module_of(name) for name in sorted(names))]
+
     @abc.abstractmethod
     def label(self, section: BaseModel) -> str:
         """One line for `sparselab plan` and the progress bar."""
@@ -156,6 +167,21 @@ class Stage:
     parent: Stage | None
     label: str
     external: bool = False  # a hub id or folder: loaded where it is, nothing stored
+
+    @cached_property
+    def code(self) -> StageCode:
+        """The code this stage runs, chained with its parent's: what its entry must record."""
+        return StageCode.of(self.kind.code_roots(self.section),
+                            self.parent.code.lineage if self.parent is not None else None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for another process (a Ray worker) without `code`: what that process runs
+        is its own code, found there."""
+        return {k: v for k, v in self.__dict__.items() if k != "code"}
+
+    def entry(self, cache: StageCache, full: bool = False) -> Entry | None:
+        """Its cache entry, if one was made by this code (else set aside: to be recomputed)."""
+        return cache.entry(self.kind.name, self.key, full, self.code)
 
     def lineage(self) -> list[Stage]:
         chain = [self]

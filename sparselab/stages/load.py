@@ -25,6 +25,11 @@ class LoadStage(ModelStageKind):
     def data_refs(self, section: ModelSection) -> None:
         return None
 
+    def code_roots(self, section: ModelSection) -> list[str]:
+        from sparselab.registry import MODELS
+        return [*super().code_roots(section), "sparselab.models",
+                *([MODELS.module_of(section.model)] if section.model in MODELS else [])]
+
     def label(self, section: ModelSection) -> str:
         return f"load {section.model} ({section.dtype})"
 

@@ -34,6 +34,9 @@ class PruneStage(ModelStageKind):
         return [section.calibration.data] if PRUNING.get(section.method).needs_calibration \
             else []
 
+    def code_roots(self, section: Prune) -> list[str]:
+        return [*super().code_roots(section), PRUNING.module_of(section.method)]
+
     def label(self, section: Prune) -> str:
         calibration = f" calib={describe_data(section.calibration.data)}" \
             if PRUNING.get(section.method).needs_calibration else ""
@@ -53,7 +56,9 @@ class PruneStage(ModelStageKind):
         from sparselab.prune.base import PruneContext
         method = PRUNING.get(section.method)()
         extra = method.prune(parent, PruneContext(section, ctx.source, ctx.artifacts, log,
-                                                  model_key=ctx.parent.key, cache=StageCache()))
+                                                  model_key=ctx.parent.key,
+                                                  model_code=ctx.parent.code.lineage,
+                                                  cache=StageCache()))
         metrics = {**self.sparsity_metrics(parent, ctx), **extra}
         save_model(parent, ctx.out / "model")
         ctx.write_metrics(metrics)

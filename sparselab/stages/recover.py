@@ -29,6 +29,9 @@ class RecoverStage(ModelStageKind):
     def data_refs(self, section: Recover) -> list[DataRef]:
         return [section.data]
 
+    def code_roots(self, section: Recover) -> list[str]:
+        return [*super().code_roots(section), RECOVERY.module_of(section.method)]
+
     def label(self, section: Recover) -> str:
         return f"recover {section.method} on {describe_data(section.data)}"
 

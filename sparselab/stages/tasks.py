@@ -19,6 +19,12 @@ class TasksStage(StageKind):
         return TaskSettings.model_validate(
             {name: getattr(cell.evaluate, name) for name in TaskSettings.model_fields})
 
+    def code_roots(self, section: TaskSettings) -> list[str]:
+        from sparselab.registry import DATASETS, TASKS
+        datasets = {TASKS.get(task).dataset for task in section.tasks} - {None}
+        return [*super().code_roots(section), *(TASKS.module_of(task) for task in section.tasks),
+                *(DATASETS.module_of(name) for name in sorted(datasets))]
+
     def label(self, section: TaskSettings) -> str:
         return f"tasks {','.join(section.tasks)} limit={section.limit}"
 

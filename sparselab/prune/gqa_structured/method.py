@@ -476,7 +476,7 @@ class GQAStructuredPruning(PruningMethod):
                            "source": ctx.source.label}
             analysis, hit = li.cached(ctx.cache, ctx.model_key, metric, calibration,
                                       lambda: li.analyse(model, calibration_ids(), metric),
-                                      ctx.log)
+                                      ctx.log, ctx.model_code)
         else:
             analysis, hit = li.read_file(options.layer_importance), True
             analysis["source_file"] = options.layer_importance
