@@ -177,7 +177,7 @@ def plan(matrix, only, sets, data_dir, device_memory, onload, limits) -> None:
         for index, (role, stage) in enumerate(p.roles()):
             status = stage_status(stage, cache)
             colour = {"cached": "green", "external": "cyan"}.get(status, "yellow")
-            table.add_row(p.cell.name if index == 0 else "", role, stage.key,
+            table.add_row(p.cell.id if index == 0 else "", role, stage.key,
                           f"[{colour}]{status}[/]",
                           f"×{users[stage.key]}" if users[stage.key] > 1 else "", stage.label,
                           end_section=index == len(p.roles()) - 1)
@@ -193,6 +193,14 @@ def plan(matrix, only, sets, data_dir, device_memory, onload, limits) -> None:
         if kind.name in distinct:
             console.print(f"{kind.name}: {len(distinct[kind.name])} distinct, "
                           f"{cached[kind.name]} cached or external")
+    replicated: dict[str, list] = {}
+    for p in plans:
+        if p.cell.replicate is not None:
+            replicated.setdefault(p.cell.name, []).append(p)
+    for name, group in replicated.items():  # what the seeds share: stages computed once
+        shares = ", ".join(f"{len({s.key for g in group for r, s in g.roles() if r == role})} "
+                           f"distinct {role}" for role, _ in group[0].roles())
+        console.print(f"{name}: {len(group)} replicates ({shares})")
     _print_memory(matrix, plans, onload, device_memory)
 
 
@@ -296,13 +304,13 @@ def run(obj, verbose, matrix, only, sets, data_dir, rerun, executor, address, cp
     for p in plans:
         previous = None if rerun else tracker.finished_cell(p.cell.hash)
         if previous:
-            console.print(f"[dim]skip {p.cell.name}: finished in run {previous} "
+            console.print(f"[dim]skip {p.cell.id}: finished in run {previous} "
                           "(use --rerun to run again)[/]")
             outcomes.append(CellOutcome(p.cell, "SKIPPED", previous))
         else:
             pending.append(p)
     # a skipped cell's earlier run is the result the matrix now means
-    tracker.mark_latest({o.cell.name: o.run_id for o in outcomes})
+    tracker.mark_latest({o.cell.id: o.run_id for o in outcomes})
     if not pending:  # nothing to do leaves no empty parent run behind
         console.print(f"{mf.matrix.name}: all {len(plans)} cells finished before; nothing to "
                       f"run (experiment '{mf.matrix.name}'; --rerun runs them again)")
@@ -321,7 +329,7 @@ def run(obj, verbose, matrix, only, sets, data_dir, rerun, executor, address, cp
 
         def done(outcome: CellOutcome) -> None:
             colour = "green" if outcome.status == "FINISHED" else "red"
-            progress.console.print(f"[{colour}]{outcome.status.lower()}[/] {outcome.cell.name}"
+            progress.console.print(f"[{colour}]{outcome.status.lower()}[/] {outcome.cell.id}"
                                    + (f": {outcome.error}" if outcome.error else ""))
             progress.advance(overall)
 
@@ -353,7 +361,7 @@ def run(obj, verbose, matrix, only, sets, data_dir, rerun, executor, address, cp
     console.print(f"{mf.matrix.name}: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
                   + f" in {elapsed:.1f}s (experiment '{mf.matrix.name}', parent run {parent})")
     if failed:
-        console.print("[red]failed cells:[/] " + ", ".join(o.cell.name for o in failed)
+        console.print("[red]failed cells:[/] " + ", ".join(o.cell.id for o in failed)
                       + " (tracebacks are artifacts of their runs)")
         sys.exit(1)
 
@@ -373,10 +381,10 @@ def export(matrix, cell, dest, merge, sets, data_dir) -> None:
     from sparselab.export import export_cell
     from sparselab.tracking import _client, finished_run
     mf, plans = prepare_plans(matrix, None, sets, data_dir)
-    mine = [p for p in plans if p.cell.name == cell]
+    mine = [p for p in plans if p.cell.id == cell]
     if not mine:
-        raise UserError("export: " + unknown_name("cell", cell, [p.cell.name for p in plans]),
-                        key="CELL")
+        raise UserError("export: " + unknown_name("cell", cell, [p.cell.id for p in plans]) +
+                        " (a replicated cell: name one replicate, CELL#i)", key="CELL")
     client = _client()
     experiment = client.get_experiment_by_name(mf.matrix.name)
     run_id = finished_run(client, experiment.experiment_id, mine[0].cell.hash) \
@@ -517,7 +525,7 @@ def cache_ls(matrices, data_dir) -> None:
         mf, plans = prepare_plans(matrix, None, (), data_dir)
         for p in plans:
             for _, stage in p.roles():
-                users.setdefault(stage.key, []).append(f"{mf.matrix.name}/{p.cell.name}")
+                users.setdefault(stage.key, []).append(f"{mf.matrix.name}/{p.cell.id}")
     table = Table(title=f"stage cache {store.root}")
     for column in ("stage", "key", "created", "size", "what") + (("cells",) if matrices else ()):
         table.add_column(column)
@@ -577,11 +585,11 @@ def cache_rm(keys, cell, matrix, data_dir) -> None:
         if not matrix:
             raise UserError("cache rm --cell needs --matrix, the file the cell belongs to.")
         plans = prepare_plans(matrix, None, (), data_dir)[1]
-        mine = [p for p in plans if p.cell.name == cell]
+        mine = [p for p in plans if p.cell.id == cell]
         if not mine:
             raise UserError("cache rm --cell: " + unknown_name("cell", cell,
-                                                                [p.cell.name for p in plans]))
-        others = {stage.key for p in plans if p.cell.name != cell for _, stage in p.roles()}
+                                                                [p.cell.id for p in plans]))
+        others = {stage.key for p in plans if p.cell.id != cell for _, stage in p.roles()}
         shared = [stage.label for _, stage in mine[0].roles() if stage.key in others]
         own = {stage.key for _, stage in mine[0].roles() if stage.key not in others}
         doomed += [e for e in entries if e.key in own]

@@ -75,7 +75,7 @@ class LocalExecutor:
         outcomes = []
         with interrupt_on_signals(), progress.listening(events.stage_progress):
             for cell in cells:
-                events.cell_started(cell.plan.cell.name)
+                events.cell_started(cell.plan.cell.id)
                 outcomes.append(cell.execute(runner, self.quiet))
                 events.cell_done(outcomes[-1])
         return outcomes
@@ -170,7 +170,7 @@ class RayExecutor:
         address = ray.get_runtime_context().gcs_address
         for cell in cells:
             cell.start({"sparselab.executor": "ray", "sparselab.ray.address": address})
-            events.cell_started(cell.plan.cell.name)
+            events.cell_started(cell.plan.cell.id)
         task = ray.remote(compute_stage).options(
             num_cpus=self.cpus_per_cell, num_gpus=self.gpus_per_cell,
             max_retries=self.retries, retry_exceptions=False)

@@ -287,7 +287,7 @@ def matrix_memory(plans, onload: bool) -> list[StageMemory]:
             onloaded = onload and stage.kind.onloads_for(stage.section)
             need = None if shape is None else \
                 stage.kind.memory(stage.section, MemoryContext(shape, cfg.dtype, onloaded, zeros))
-            rows.append(StageMemory(plan.cell.name, role, stage.key, stage.label, need,
+            rows.append(StageMemory(plan.cell.id, role, stage.key, stage.label, need,
                                     onloaded))
     return rows
 

@@ -440,6 +440,53 @@ class CellConfig(Strict):
         return flatten(tree)
 
 
+# The stage seeds a replicate may vary. The evaluation's sampling seed is not one of them: every
+# replicate scores the same examples, so replicates are paired across cells by example too.
+SeedKey = Literal["prune.calibration.seed", "recover.train.seed"]
+REPLICATES = "replicates"  # the key in `defaults` or an experiment (dotted: replicates.n)
+
+
+class Replicates(Strict):
+    """How many draws of which stage seeds each cell runs: the randomness a verdict must
+    survive (which calibration windows were drawn, LoRA's initialisation and data order).
+
+    `seeds` names the seeds to vary, with `n` draws: replicate i sets each to the cell's own
+    value + i, so replicate 0 is the unreplicated cell and replicate i uses the same seeds in
+    every cell (common random numbers: replicates pair across cells). Or `seeds` maps each key
+    to its list of values (replicate i takes the i-th), all lists of one length."""
+    seeds: list[SeedKey] | dict[SeedKey, list[Seed]] = ["prune.calibration.seed",
+                                                        "recover.train.seed"]
+    n: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _draws(self) -> Replicates:
+        if isinstance(self.seeds, dict):
+            lengths = {len(values) for values in self.seeds.values()}
+            if len(lengths) != 1 or 0 in lengths:
+                raise ValueError("replicates.seeds: give every seed the same number of values "
+                                 f"(got {sorted(lengths)})")
+            if self.n is not None and self.n != lengths.pop():
+                raise ValueError("replicates.n disagrees with the length of the seed lists; "
+                                 "leave n out when the seeds are listed")
+        elif self.n is None:
+            raise ValueError("replicates: give n, the number of draws (e.g. {seeds: "
+                             "[prune.calibration.seed], n: 5}), or list the seed values")
+        if not self.seeds:
+            raise ValueError("replicates.seeds names no seed to vary (valid: "
+                             "prune.calibration.seed, recover.train.seed)")
+        return self
+
+    @property
+    def count(self) -> int:
+        return self.n if isinstance(self.seeds, list) else len(next(iter(self.seeds.values())))
+
+    def draw(self, index: int, cell_seeds: dict[str, int]) -> dict[str, int]:
+        """The dotted seed settings of replicate `index`, given the cell's own seeds."""
+        if isinstance(self.seeds, dict):
+            return {key: values[index] for key, values in self.seeds.items()}
+        return {key: cell_seeds[key] + index for key in self.seeds}
+
+
 Direction = Literal["up", "down", "same", "better", "worse"]
 
 
@@ -518,15 +565,24 @@ def is_dense_reference(cell: str) -> bool:
 
 
 class Cell(BaseModel):
-    """A named, resolved cell of the matrix."""
+    """A named, resolved cell of the matrix; replicates of one cell share its name and differ
+    in `replicate` (and the seeds it drew)."""
     model_config = ConfigDict(frozen=True)
     name: str
     experiment: str | None
     config: CellConfig
+    replicate: int | None = None  # None: the cell is not replicated
 
     @property
     def hash(self) -> str:
-        return config_hash(self.config.identity())
+        identity = self.config.identity()
+        return config_hash(identity if self.replicate is None
+                           else {"config": identity, "replicate": self.replicate})
+
+    @property
+    def id(self) -> str:
+        """Unique within a matrix: the name, and `#i` for replicate i."""
+        return self.name if self.replicate is None else f"{self.name}#{self.replicate}"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -805,15 +861,44 @@ def expand(mf: MatrixFile, overrides: dict[str, Any] | None = None,
             name = exp_name or "default"
             if point:
                 name += "[" + ",".join(f"{k}={_short(v)}" for k, v in point.items()) + "]"
-            cells.append(Cell(name=name, experiment=exp_name,
-                              config=_validate_cell(mf, tree, exp_name, name, overrides or {})))
+            replicates = _replicates(mf, tree.pop(REPLICATES, None), exp_name, name)
+            config = _validate_cell(mf, tree, exp_name, name, overrides or {})
+            if replicates is None:
+                cells.append(Cell(name=name, experiment=exp_name, config=config))
+                continue
+            flat = flatten(config.model_dump(mode="json"))
+            for index in range(replicates.count):
+                drawn = copy.deepcopy(tree)
+                for dotted, seed in replicates.draw(index, flat).items():
+                    set_dotted(drawn, dotted, seed)
+                cells.append(Cell(name=name, experiment=exp_name, replicate=index,
+                                  config=_validate_cell(mf, drawn, exp_name, name,
+                                                        overrides or {})))
     seen: dict[str, str] = {}
     for cell in cells:
         if cell.hash in seen:
-            raise UserError(f"cells '{seen[cell.hash]}' and '{cell.name}' resolve to the same "
+            raise UserError(f"cells '{seen[cell.hash]}' and '{cell.id}' resolve to the same "
                             "config; remove one of them or make them differ.", file=mf.path)
-        seen[cell.hash] = cell.name
+        seen[cell.hash] = cell.id
     return cells
+
+
+def _replicates(mf: MatrixFile, raw: Any, experiment: str | None,
+                cell: str) -> Replicates | None:
+    """The cell's `replicates:` (from defaults, its experiment, the grid or --set), validated."""
+    if raw is None:
+        return None
+    try:
+        return Replicates.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = tuple(str(p) for p in error["loc"] if not str(p).startswith(("list[", "dict[")))
+        error = {**error, "loc": loc}
+        line = mf.line_of(("experiments", str(experiment), REPLICATES, *loc),
+                          ("experiments", str(experiment), ".".join((REPLICATES, *loc))),
+                          ("defaults", REPLICATES, *loc), ("defaults", REPLICATES))
+        raise UserError(f"in cell '{cell}': {_explain(error, Replicates, raw)}", file=mf.path,
+                        line=line, key=".".join((REPLICATES, *loc))) from None
 
 
 def _short(value: Any) -> str:

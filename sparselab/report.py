@@ -14,6 +14,13 @@ lies inside ± the metric's equivalence margin; otherwise unresolved, with the n
 that would resolve it. The `expect:` block is one family of hypotheses: its p-values are
 corrected (`report.correction`) before they are judged. Cells evaluated differently (limit,
 tasks, few-shot, data, lm-eval version) are not compared.
+
+A cell run at several seeds (`replicates:` in the matrix) is one row: the replicates' mean, the
+between-replicate SD and the within-run standard error side by side, and its Δ is judged across
+seed-paired replicates (`sparselab.stats.replicated`: a two-stage bootstrap interval, a p-value
+that no new seed or new example set could overturn at alpha, never below what the number of
+replicates allows). A report whose cells ran once says that its verdicts hold for that one
+pruned and recovered model per cell.
 """
 from __future__ import annotations
 
@@ -30,14 +37,21 @@ from typing import Any
 from sparselab.errors import UserError, unknown_name
 from sparselab.evaluate.examples import EXAMPLES_FILE, ExampleScores, role_metric
 from sparselab.matrix import ReportSpec, is_dense_reference
-from sparselab.stats import Comparison, adjust, mcnemar_min_discordant, paired, unpaired
-from sparselab.tracking import run_metrics
+from sparselab.stats import (
+    Comparison,
+    adjust,
+    mcnemar_min_discordant,
+    paired,
+    replicated,
+    seed_floor,
+    unpaired,
+)
+from sparselab.tracking import cell_id, run_metrics
 
 AFFECTS_RESULTS = False  # plans or reports only: sparselab.provenance leaves it out
 
 ARROWS = {"up": "↑", "down": "↓", "same": "≈", "unresolved": "?"}
 PLOT_COLUMNS = 4
-IGNORED_PARAMS = ("seed", "prune.calibration.seed", "recover.train.seed", "evaluate.seed")
 EVALUATION_ROLES = ("perplexity_pruned", "perplexity", "answer_loss", "tasks")
 
 # Which way is better, by metric name: -1 lower, +1 higher (lm-eval's higher_is_better for our
@@ -101,19 +115,59 @@ class Row:
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     examples: ExampleScores | None = None  # per-example scores; None: the run logged none
+    replicate: int | None = None  # this run's replicate index (None: the cell is not replicated)
+    replicates: list[Row] = field(default_factory=list)  # a replicated cell's row: its runs
+
+    @classmethod
+    def of_replicates(cls, runs: list[Row]) -> Row:
+        """One row for a replicated cell: settings and tags of its first replicate, metrics the
+        mean over its finished replicates (FINISHED when at least one finished)."""
+        runs = sorted(runs, key=lambda r: r.replicate)
+        done = [r for r in runs if r.status == "FINISHED"]
+        first = (done or runs)[0]
+        names = {m for r in done for m in r.metrics}
+        metrics = {m: float(sum(v) / len(v)) for m in names
+                   if (v := [r.metrics[m] for r in done if m in r.metrics])}
+        return cls(first.cell, "FINISHED" if done else first.status, first.run_id, first.params,
+                   metrics, first.tags, first.examples, None, runs)
+
+    @property
+    def finished_replicates(self) -> list[Row]:
+        return [r for r in self.replicates if r.status == "FINISHED"]
 
     def value(self, metric: str) -> float | None:
         return self.metrics.get(metric) if self.status == "FINISHED" else None
 
     def stderr(self, metric: str) -> float | None:
-        return self.metrics.get(metric + "_stderr") if self.status == "FINISHED" else None
+        """The within-run standard error (a replicated cell: the root mean square of its
+        replicates')."""
+        if self.status != "FINISHED":
+            return None
+        if not self.replicates:
+            return self.metrics.get(metric + "_stderr")
+        errors = [r.metrics[metric + "_stderr"] for r in self.finished_replicates
+                  if metric + "_stderr" in r.metrics]
+        return math.sqrt(sum(e * e for e in errors) / len(errors)) if errors else None
+
+    def spread(self, metric: str) -> float | None:
+        """The between-replicate SD of a replicated cell's metric (None: fewer than two)."""
+        values = [v for r in self.finished_replicates if (v := r.value(metric)) is not None]
+        if len(values) < 2:
+            return None
+        mean = sum(values) / len(values)
+        return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
     def scores(self, metric: str) -> dict[str, float] | None:
         return self.examples.scores.get(metric) if self.examples else None
 
     def setting(self, key: str) -> str:
         """The cell's value of a config key; a key logged only as sub-keys (a data mix logs
-        `prune.calibration.data.mix`) reads as those, so every cell has a value in its column."""
+        `prune.calibration.data.mix`) reads as those, so every cell has a value in its column.
+        A replicated cell's seed that its replicates vary reads as their values, in order."""
+        if self.replicates:
+            values = list(dict.fromkeys(r.setting(key) for r in self.replicates))
+            if len(values) > 1:
+                return ",".join(values)
         if key in self.params:
             return self.params[key]
         prefix = key + "."
@@ -226,6 +280,25 @@ class Report:
                 "(always with fewer than "
                 f"{mcnemar_min_discordant(alpha)} paired examples). Metrics without a noise "
                 "estimate are compared as they are.")
+        replicated = [r for r in self.rows if r.replicates]
+        if replicated:
+            counts = sorted({len(r.finished_replicates) for r in replicated})
+            fewest = counts[0]
+            text += (f" Replicated cells ({', '.join(map(str, counts))} seeds) show the mean over "
+                     "replicates ± the within-run standard error, and the between-seed SD; "
+                     "their Δ is judged across seed-paired replicates: a two-stage bootstrap "
+                     "interval (seeds, then examples) and the larger p of a sign-flip "
+                     "permutation over the replicate Δs and the paired test over examples, so a "
+                     "verdict holds for a new seed and new examples. With "
+                     f"{fewest} seeds no p is below {fmt_p(seed_floor(fewest), label=False)}"
+                     + (f"; a verdict at α = {alpha:g} needs at least "
+                        f"{mcnemar_min_discordant(alpha)} seeds."
+                        if seed_floor(fewest) >= alpha else "."))
+        if any(not r.replicates and r.status == "FINISHED" and not is_dense_reference(r.cell)
+               for r in self.rows):
+            text += (" Cells without replicates ran once: their intervals are conditional on "
+                     "that one pruned and recovered model (a new calibration or training seed "
+                     "may move them; `replicates:` in the matrix measures how far).")
         unpaired_cells = self.unpaired_cells()
         if self.unpaired_requested:
             text += (" Judged by the standard errors alone (--unpaired): a z-test on "
@@ -251,18 +324,12 @@ def compare(row: Row, base: Row, metric: str, spec: ReportSpec | None = None
     value, ref = row.value(metric), base.value(metric)
     if value is None or ref is None:
         return None
-    mine, theirs = row.evaluation(metric), base.evaluation(metric)
-    differs = {k: (mine.get(k), theirs.get(k)) for k in mine.keys() | theirs.keys()
-               if mine.get(k) != theirs.get(k)}
-    if differs:
-        return Refusal("evaluated differently: " + "; ".join(
-            f"{k.removeprefix('tag:')} {a if a is not None else '(unset)'} vs "
-            f"{b if b is not None else '(unset)'}" for k, (a, b) in sorted(differs.items())))
-    prints = [r.examples.fingerprint.get(metric) if r.examples else None for r in (row, base)]
-    if None not in prints and prints[0] != prints[1]:
-        return Refusal(f"scored on different examples (data fingerprint {prints[0][:8]} vs "
-                       f"{prints[1][:8]})")
+    refusal = incomparable(row, base, metric)
+    if refusal is not None:
+        return refusal
     margin = margin_of(metric, ref, spec)
+    if row.replicates or base.replicates:
+        return compare_replicates(row, base, metric, spec, margin)
     scores, ref_scores = row.scores(metric), base.scores(metric)
     comparison = None
     if scores is not None and ref_scores is not None:
@@ -280,6 +347,64 @@ def compare(row: Row, base: Row, metric: str, spec: ReportSpec | None = None
             return Refusal("a standard error is zero or missing, and there are no per-example "
                            "scores to pair")
     change = Change(value - ref, "", comparison, margin, speedup=speedup(metric, value, ref))
+    change.direction = judge(change, comparison.p_value, spec.alpha)
+    return change
+
+
+def incomparable(row: Row, base: Row, metric: str) -> Refusal | None:
+    """Why two rows' `metric` cannot be compared (evaluated differently, other examples)."""
+    mine, theirs = row.evaluation(metric), base.evaluation(metric)
+    differs = {k: (mine.get(k), theirs.get(k)) for k in mine.keys() | theirs.keys()
+               if mine.get(k) != theirs.get(k)}
+    if differs:
+        return Refusal("evaluated differently: " + "; ".join(
+            f"{k.removeprefix('tag:')} {a if a is not None else '(unset)'} vs "
+            f"{b if b is not None else '(unset)'}" for k, (a, b) in sorted(differs.items())))
+    prints = {r.examples.fingerprint.get(metric) for x in (row, base)
+              for r in (x.replicates or [x]) if r.status == "FINISHED" and r.examples}
+    prints.discard(None)
+    if len(prints) > 1:
+        shown = sorted(p[:8] for p in prints)
+        return Refusal(f"scored on different examples (data fingerprints {', '.join(shown)})")
+    return None
+
+
+def seed_pairs(row: Row, base: Row) -> list[tuple[Row, Row]]:
+    """(baseline replicate, cell replicate) pairs that drew the same seeds; a cell run once
+    (the dense reference) stands beside every replicate of the other."""
+    mine = {r.replicate: r for r in row.finished_replicates} if row.replicates else {None: row}
+    theirs = {r.replicate: r for r in base.finished_replicates} if base.replicates \
+        else {None: base}
+    if None in mine:
+        return [(b, mine[None]) for b in theirs.values()]
+    if None in theirs:
+        return [(theirs[None], c) for c in mine.values()]
+    return [(theirs[i], mine[i]) for i in sorted(mine.keys() & theirs.keys())]
+
+
+def compare_replicates(row: Row, base: Row, metric: str, spec: ReportSpec,
+                       margin: float) -> Change | Refusal:
+    """Δ of replicated cells across their seed-paired replicates (sparselab.stats.replicated)."""
+    pairs = seed_pairs(row, base)
+    if not pairs:
+        return Refusal("no replicate of one cell drew the seeds of a replicate of the other")
+    value = sum(c.value(metric) for _, c in pairs) / len(pairs)
+    ref = sum(b.value(metric) for b, _ in pairs) / len(pairs)
+    scores = [(b.scores(metric), c.scores(metric)) for b, c in pairs]
+    if any(s is None for pair in scores for s in pair):
+        if all(r.stderr(metric) is None for pair in pairs for r in pair):
+            delta = value - ref  # a quantity without sampling noise: as it is
+            return Change(delta, "same" if delta == 0 else ("up" if delta > 0 else "down"),
+                          margin=margin, speedup=speedup(metric, value, ref))
+        return Refusal("replicates without per-example scores: `sparselab run M --rerun` "
+                       "re-scores them")
+    how = pairs[0][1].examples.aggregate.get(metric, "mean")
+    comparison = replicated([b for b, _ in scores], [c for _, c in scores], how,
+                            alpha=spec.alpha, seed=spec.seed)
+    if comparison is None:
+        return Refusal("the replicates share no scored example")
+    change = Change(comparison.delta, "", comparison, margin,
+                    speedup=speedup(metric, value, ref))
     change.direction = judge(change, comparison.p_value, spec.alpha)
     return change
 
@@ -323,8 +448,8 @@ def _client():
 
 def collect(client, experiment: str, cells: list[str] | None = None,
             parent_run: str | None = None, all_runs: bool = False) -> list[Row]:
-    """Child runs of an experiment as rows: the newest run per cell (FINISHED preferred), or
-    with `all_runs` every run, each cell's newest first."""
+    """Child runs of an experiment as rows: the newest run per cell and replicate (FINISHED
+    preferred), or with `all_runs` every run, each cell's newest first."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
@@ -332,13 +457,18 @@ def collect(client, experiment: str, cells: list[str] | None = None,
     runs = client.search_runs([exp.experiment_id], filter_string=filter_string,
                               order_by=["attributes.start_time DESC"], max_results=5000)
     runs = [r for r in runs if "sparselab.cell" in r.data.tags]
-    by_cell: dict[str, list[Any]] = {}
+    by_id: dict[str, list[Any]] = {}
     for run in runs:  # newest first
-        by_cell.setdefault(run.data.tags["sparselab.cell"], []).append(run)
+        by_id.setdefault(cell_id(run.data.tags), []).append(run)
     if not all_runs:  # the newest FINISHED, else the newest of any status
-        by_cell = {name: [next((r for r in group if r.info.status == "FINISHED"), group[0])]
-                   for name, group in by_cell.items()}
-    order = list(cells) if cells is not None else []
+        by_id = {name: [next((r for r in group if r.info.status == "FINISHED"), group[0])]
+                 for name, group in by_id.items()}
+    by_cell: dict[str, list[Any]] = {}
+    for group in by_id.values():  # a cell's replicates in order of their index
+        by_cell.setdefault(group[0].data.tags["sparselab.cell"], []).extend(group)
+    for group in by_cell.values():
+        group.sort(key=lambda r: int(r.data.tags.get("sparselab.replicate", -1)))
+    order = list(dict.fromkeys(cells)) if cells is not None else []
     order += [name for name in by_cell if name not in order
               and (cells is None or all_runs)]
     rows = []
@@ -350,9 +480,33 @@ def collect(client, experiment: str, cells: list[str] | None = None,
 
 
 def _row(run) -> Row:
+    replicate = run.data.tags.get("sparselab.replicate")
     return Row(run.data.tags["sparselab.cell"], run.info.status, run.info.run_id,
                with_evaluation_defaults(dict(run.data.params)), run_metrics(run),
-               dict(run.data.tags))
+               dict(run.data.tags), replicate=None if replicate is None else int(replicate))
+
+
+def group_replicates(rows: list[Row]) -> list[Row]:
+    """A replicated cell's runs as one row (`Row.of_replicates`) where each replicate appears
+    once (with --all, a replicate run several times stays one row per run)."""
+    out, groups = [], {}
+    for row in rows:
+        if row.replicate is None:
+            out.append(row)
+            continue
+        if row.cell not in groups:
+            groups[row.cell] = []
+            out.append(row.cell)  # its place in the order
+        groups[row.cell].append(row)
+    grouped = []
+    for item in out:
+        if isinstance(item, Row):
+            grouped.append(item)
+            continue
+        runs = groups[item]
+        indices = [r.replicate for r in runs]
+        grouped += [Row.of_replicates(runs)] if len(set(indices)) == len(indices) else runs
+    return grouped
 
 
 def with_evaluation_defaults(params: dict[str, str]) -> dict[str, str]:
@@ -381,7 +535,7 @@ def load_examples(client, rows: list[Row]) -> None:
     """Fill each finished row's per-example scores from its runs' stage artifacts."""
     import os
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for row in rows:
+    for row in [r for row in rows for r in (row.replicates or [row])]:
         if row.status != "FINISHED" or row.run_id is None:
             continue
         merged, found = ExampleScores(), False
@@ -410,8 +564,7 @@ def differing_keys(rows: list[Row]) -> list[str]:
     keys = sorted({k for r in ran for k in r.params})
     valued = {k for k in keys if any(r.params.get(k, "{}") != "{}" for r in ran)}
     parents = {k for k in keys if any(other.startswith(k + ".") for other in keys)}
-    columns = [k for k in keys if k not in IGNORED_PARAMS
-               and not (k in parents and k not in valued)
+    columns = [k for k in keys if not (k in parents and k not in valued)
                and not any(k.startswith(parent + ".") for parent in parents & valued)]
     # a cell without the key (its section's method is `none`: no LoRA settings) neither adds a
     # value nor makes the key differ; its method's own column shows the difference
@@ -426,6 +579,7 @@ def build(rows: list[Row], title: str, metrics: list[str], baseline: str | None,
           spec: ReportSpec | None = None) -> Report:
     if not rows:
         raise UserError(f"no runs found for {title}; run it first: sparselab run MATRIX")
+    rows = group_replicates(rows)
     available = sorted({m for r in rows for m in r.metrics if not m.endswith("_stderr")})
     for metric in metrics:
         if metric not in available:
@@ -487,12 +641,31 @@ def resolution_text(change: Change) -> str:
     if c is None:
         return ""
     parts = []
+    if c.seeds is not None:
+        return _seed_resolution(change)
     if c.mde is not None:
         parts.append("no effect is detectable with these examples" if math.isinf(c.mde)
                      else f"detects |Δ| ≥ {fmt(c.mde)}")
     if change.direction == "unresolved" and c.n_needed is not None:
         parts.append(f"this Δ needs ~{c.n_needed} examples" if c.paired
                      else "this Δ needs more examples")
+    return "; ".join(parts)
+
+
+def _seed_resolution(change: Change) -> str:
+    """What a replicated comparison could resolve, and what more it needs: seeds or examples."""
+    c, s = change.comparison, change.comparison.seeds
+    parts = [f"{s.replicates} seeds: p ≥ {fmt_p(s.p_floor, label=False)}"
+             + (f", seed SD of Δ {fmt(s.sd)}" if s.sd is not None else "")
+             + f", example SE {fmt(s.se_examples)} ({s.dominant} dominate)"]
+    if c.mde is not None:
+        parts.append("no effect is detectable with these seeds" if math.isinf(c.mde)
+                     else f"detects |Δ| ≥ {fmt(c.mde)}")
+    if change.direction == "unresolved":
+        needs = ([f"~{s.seeds_needed} seeds"] if s.seeds_needed else []) + \
+            ([f"~{c.n_needed} examples"] if c.n_needed else [])
+        parts.append("this Δ needs " + " or ".join(needs) if needs
+                     else "this Δ needs more seeds and more examples")
     return "; ".join(parts)
 
 
@@ -547,6 +720,10 @@ def cells_text(report: Report, row: Row, metric: str, with_p: bool = True
         return ("–", "", "")
     se = row.stderr(metric)
     text = fmt(value) + (f" ± {fmt(se)}" if se is not None else "")
+    if row.replicates:
+        spread = row.spread(metric)
+        text += (f", seed SD {fmt(spread)}" if spread is not None else "") + \
+            f" ({len(row.finished_replicates)} seeds)"
     return (text, *change_text(metric, report.change(row, metric), with_p))
 
 
@@ -606,9 +783,10 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-TIDY_COLUMNS = ["cell", "run_id", "status", "metric", "value", "stderr", "n", "delta", "ci_low",
-                "ci_high", "p_value", "p_adjusted", "test", "direction", "quality", "margin",
-                "mde", "n_needed", "expected", "verdict", "note"]
+TIDY_COLUMNS = ["cell", "run_id", "status", "metric", "value", "stderr", "replicates",
+                "seed_sd", "n", "delta", "ci_low", "ci_high", "p_value", "p_adjusted", "test",
+                "p_seeds", "p_examples", "p_floor", "direction", "quality", "margin", "mde",
+                "n_needed", "seeds_needed", "expected", "verdict", "note"]
 
 
 def tidy(report: Report):
@@ -624,9 +802,15 @@ def tidy(report: Report):
             hypothesis = expectations.get((row.cell, metric)) if row is report.row(row.cell) \
                 else None
             c = change.comparison if isinstance(change, Change) else None
+            s = c.seeds if c else None
             record: dict[str, Any] = {
                 "cell": row.cell, "run_id": row.run_id, "status": row.status, "metric": metric,
                 "value": row.value(metric), "stderr": row.stderr(metric),
+                "replicates": len(row.finished_replicates) if row.replicates else 1,
+                "seed_sd": row.spread(metric) if row.replicates else None,
+                "p_seeds": s.p_seeds if s else None, "p_examples": s.p_examples if s else None,
+                "p_floor": s.p_floor if s else None,
+                "seeds_needed": s.seeds_needed if s else None,
                 "n": c.n if c else None,
                 "delta": change.delta if isinstance(change, Change) else None,
                 "ci_low": c.ci_low if c else None, "ci_high": c.ci_high if c else None,
@@ -648,7 +832,7 @@ def tidy(report: Report):
             records.append(record)
     columns = TIDY_COLUMNS[:3] + [f"config.{k}" for k in report.keys] + TIDY_COLUMNS[3:]
     frame = pd.DataFrame.from_records(records, columns=columns)
-    for column in ("n", "n_needed"):
+    for column in ("n", "n_needed", "replicates", "seeds_needed"):
         frame[column] = frame[column].astype("Int64")
     return frame
 
@@ -754,7 +938,8 @@ def spans_orders(values: list[float]) -> bool:
 
 def plot(report: Report, file: Path) -> None:
     """One panel per metric (at most PLOT_COLUMNS to a row), one bar per cell, stderr as error
-    bars; a log axis where the cells' values span more than two orders of magnitude."""
+    bars, a replicated cell's seeds as dots over its bar (the mean); a log axis where the cells'
+    values span more than two orders of magnitude."""
     from sparselab.plots import plt
     cells = [r for r in report.rows if r.status == "FINISHED"]
     columns = min(len(report.metrics), PLOT_COLUMNS)
@@ -768,6 +953,10 @@ def plot(report: Report, file: Path) -> None:
         errors = [r.stderr(metric) or 0.0 for r in cells]
         ax.bar(range(len(cells)), values, yerr=errors, capsize=3,
                color=["#999999" if is_dense_reference(r.cell) else "#4c72b0" for r in cells])
+        for x, row in enumerate(cells):  # a replicated cell: each seed's value, the spread
+            draws = [v for r in row.finished_replicates if (v := r.value(metric)) is not None]
+            if draws:
+                ax.scatter([x] * len(draws), draws, s=9, color="#222222", zorder=3)
         ax.set_xticks(range(len(cells)))
         ax.set_xticklabels([row_label(report, r) for r in cells], rotation=60, ha="right",
                            fontsize=7)

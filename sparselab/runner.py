@@ -168,12 +168,14 @@ class CellRun:
         cell = self.plan.cell
         all_tags = {"sparselab.matrix": self.matrix_name, "sparselab.cell": cell.name,
                     "sparselab.cell_hash": cell.hash,
+                    **({} if cell.replicate is None
+                       else {"sparselab.replicate": str(cell.replicate)}),
                     "sparselab.experiment": cell.experiment or "",
                     "sparselab.data_source": self.plan.source.label, **environment_tags(),
                     **(tags or {})}
         for role, stage in self.plan.roles():
             all_tags[f"sparselab.stage.{role}.key"] = stage.key
-        self.run_id = self.tracker.start_run(cell.name, all_tags, self.parent_id)
+        self.run_id = self.tracker.start_run(cell.id, all_tags, self.parent_id)
         self.tracker.log_params(self.run_id, cell.config.flat())
         with TemporaryDirectory(prefix="sparselab-cell-") as tmp:
             config_file = Path(tmp) / "cell_config.yaml"
@@ -205,7 +207,7 @@ class CellRun:
                 raise
             except Exception as exc:  # noqa: BLE001 - a failed cell must not stop the others
                 trace = traceback.format_exc()
-                log.error("cell %s failed:\n%s", self.plan.cell.name, trace)
+                log.error("cell %s failed:\n%s", self.plan.cell.id, trace)
                 self._detach(handler)
                 return self.fail(exc, trace, log_file.read_text())
             self._detach(handler)
@@ -236,13 +238,13 @@ class CellRun:
                 steps = json.loads((entries["recover"].path / "steps.json").read_text())
                 for name in sorted({k for step in steps for k in step}):
                     self.tracker.log_series(run_id, name, [s[name] for s in steps if name in s])
-            self.tracker.mark_latest({self.plan.cell.name: run_id})
+            self.tracker.mark_latest({self.plan.cell.id: run_id})
         except KeyboardInterrupt:
             self.close("KILLED", log_text)
             raise
         except Exception as exc:  # noqa: BLE001 - a cell that cannot be recorded fails alone
             trace = traceback.format_exc()
-            log.error("cell %s: recording its results failed:\n%s", self.plan.cell.name, trace)
+            log.error("cell %s: recording its results failed:\n%s", self.plan.cell.id, trace)
             return self.fail(f"recording the results failed: {type(exc).__name__}: {exc}",
                              trace, log_text)
         self.close("FINISHED", log_text)

@@ -19,6 +19,23 @@ Each comparison also says what it could resolve: `mde` is the smallest |Δ| dete
 power at `alpha` with the examples it has, and `n_needed` how many examples would make the
 observed Δ detectable (both by the normal approximation on Δ's standard error; for 0/1 scores
 the exact test also needs enough discordant examples).
+
+`replicated` compares two cells run at R seeds each (replicate i of both cells drew the same
+seeds, and every replicate scored the same examples), so that a verdict holds for a new seed and
+for new examples, not only for the one pruned model a single run is:
+
+- Δ is the mean over replicates of each replicate pair's Δ.
+- its interval is a two-stage bootstrap: replicate pairs resampled, then examples (the same
+  examples for every replicate and both cells), Δ recomputed.
+- its p-value is the larger of two: an exact sign-flip permutation over the R seed-paired Δs
+  (the replicate is the unit of replication: it cannot go below 2/2^R, the floor, so 5 seeds
+  never reach 0.05) and the paired test over examples of the replicate-averaged scores (a
+  difference must survive new examples too). Rejecting only when both do is an
+  intersection-union test: its level is alpha.
+- the noise splits into the between-seed variance of the replicate Δs (over R) and the example
+  variance of Δ (over n): `mde` comes from their sum, and `seeds_needed` / `n_needed` say how
+  many seeds (examples kept) or examples (seeds kept) would detect the observed Δ, where either
+  can.
 """
 from __future__ import annotations
 
@@ -50,10 +67,29 @@ class Comparison:
     n: int | None  # examples both cells scored (None: unpaired)
     mde: float | None  # smallest |Δ| detectable at 80% power (None: no spread to judge by)
     n_needed: int | None  # examples that would detect the observed Δ at 80% power
+    seeds: Seeds | None = None  # across replicates: the seed-level part of the comparison
 
     @property
     def paired(self) -> bool:
         return self.n is not None
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """The replicate side of a comparison across seeds."""
+    replicates: int  # seed-paired replicate pairs
+    p_seeds: float  # exact sign-flip permutation over the replicate Δs
+    p_examples: float  # paired test over examples of the replicate-averaged scores
+    p_floor: float  # the smallest p the permutation can give with this many replicates
+    sd: float | None  # between-seed SD of the replicate Δs (None: one replicate)
+    se_examples: float  # the example-sampling SE of Δ
+    seeds_needed: int | None  # replicates that would detect the observed Δ (examples kept)
+
+    @property
+    def dominant(self) -> str:
+        """Which noise is larger in Δ's variance: 'seeds' or 'examples'."""
+        seed_var = (self.sd or 0.0) ** 2 / self.replicates
+        return "seeds" if seed_var > self.se_examples ** 2 else "examples"
 
 
 def _z(alpha: float) -> float:
@@ -156,6 +192,76 @@ def paired(base: dict[str, float], cell: dict[str, float], how: Aggregate = "mea
         n_needed = max(fewest, math.ceil(n * (_z(alpha) * se / abs(delta)) ** 2))
     return Comparison(delta, float(min(low, delta)), float(max(high, delta)), p_value, se,
                       test, n, mde, n_needed)
+
+
+def sign_flip_p(differences: np.ndarray, rng: np.random.Generator,
+                resamples: int = RESAMPLES) -> float:
+    """Two-sided permutation p of the mean of paired differences: each sign flipped with
+    probability 1/2 (all 2^R flips when that is at most `resamples`)."""
+    r = len(differences)
+    observed = abs(differences.mean())
+    if r <= math.floor(math.log2(resamples)):
+        signs = 1 - 2 * ((np.arange(2 ** r)[:, None] >> np.arange(r)) & 1)
+        exact = True
+    else:
+        signs, exact = np.where(rng.random((resamples, r)) < 0.5, -1, 1), False
+    stats = np.abs((signs * differences).mean(axis=1))
+    extreme = int(np.sum(stats >= observed - 1e-12 * max(1.0, observed)))
+    return extreme / len(signs) if exact else (extreme + 1) / (resamples + 1)
+
+
+def seed_floor(replicates: int) -> float:
+    """The smallest two-sided p a sign-flip permutation over `replicates` pairs can give."""
+    return min(1.0, 2.0 / 2 ** replicates)
+
+
+def replicated(base: list[dict[str, float]], cell: list[dict[str, float]],
+               how: Aggregate = "mean", *, alpha: float = 0.05, seed: int = 0,
+               resamples: int = RESAMPLES) -> Comparison | None:
+    """Compare two cells across seed-paired replicates (`base[i]` and `cell[i]` drew the same
+    seeds), each a dict of per-example scores, on the examples every replicate scored."""
+    if not base or len(base) != len(cell):
+        raise ValueError("replicated: give the two cells' replicates in seed-paired order")
+    ids = sorted(set.intersection(*(set(scores) for scores in (*base, *cell))))
+    if not ids:
+        return None
+    a = np.array([[scores[i] for i in ids] for scores in base], dtype=np.float64)
+    b = np.array([[scores[i] for i in ids] for scores in cell], dtype=np.float64)
+    r, n = a.shape
+    rng = np.random.default_rng(seed)
+    differences = aggregate(b, how) - aggregate(a, how)  # one Δ per replicate pair
+    delta = float(differences.mean())
+    pooled = paired(dict(zip(ids, a.mean(axis=0))), dict(zip(ids, b.mean(axis=0))), how,
+                    alpha=alpha, seed=seed, resamples=resamples)
+    p_seeds = sign_flip_p(differences, rng, resamples) if r > 1 else 1.0
+    boot = []
+    for start in range(0, resamples, chunk := max(1, 2_000_000 // (r * n))):
+        size = min(chunk, resamples - start)
+        reps = rng.integers(0, r, size=(size, r))[:, :, None]
+        examples = rng.integers(0, n, size=(size, n))[:, None, :]
+        boot.append((aggregate(b[reps, examples], how)
+                     - aggregate(a[reps, examples], how)).mean(axis=1))
+    boot = np.concatenate(boot)
+    low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    se = float(boot.std(ddof=1))
+    sd = float(differences.std(ddof=1)) if r > 1 else None
+    seed_var, example_var = (sd or 0.0) ** 2 / r, pooled.se ** 2
+    z2 = _z(alpha) ** 2
+    fewest = mcnemar_min_discordant(alpha)  # replicates a sign flip needs to reach alpha
+    floor = seed_floor(r)
+    total = seed_var + example_var
+    mde = math.inf if floor >= alpha else (math.sqrt(z2 * total) if total > 0 else None)
+    seeds_needed = n_needed = None
+    if delta != 0 and sd is not None:
+        room = delta ** 2 / z2 - example_var  # what the seeds' variance may use
+        if room > 0:
+            seeds_needed = max(fewest, math.ceil((sd ** 2) / room)) if sd > 0 else fewest
+        room = delta ** 2 / z2 - seed_var  # what the examples' variance may use
+        if room > 0 and r >= fewest:
+            n_needed = max(pooled.n_needed or 0, math.ceil(n * example_var / room))                 if example_var > 0 else n
+    return Comparison(delta, float(min(low, delta)), float(max(high, delta)),
+                      max(p_seeds, pooled.p_value, floor), se, "replicates", n, mde, n_needed,
+                      Seeds(r, p_seeds, pooled.p_value, floor, sd, pooled.se, seeds_needed))
 
 
 def unpaired(value: float, se: float | None, ref: float, se_ref: float | None, *,

@@ -45,11 +45,13 @@ def prepare_plans(matrix: str, only: str | None, sets: tuple[str, ...], data_dir
     cells = expand(mf, parse_set(sets), data_dir=data_dir, max_cells=max_cells)
     if only:
         wanted = [name.strip() for name in only.split(",") if name.strip()]
-        known = {c.name for c in cells} | {c.experiment for c in cells if c.experiment}
+        known = {c.name for c in cells} | {c.id for c in cells} | \
+            {c.experiment for c in cells if c.experiment}
         for name in wanted:
             if name not in known and name != DENSE:
                 raise UserError("--only: " + unknown_name("cell", name, known))
-        cells = [c for c in cells if c.name in wanted or c.experiment in wanted]
+        cells = [c for c in cells if c.name in wanted or c.id in wanted
+                 or c.experiment in wanted]
     cells = dense_references(cells) + cells
     check_cells(mf, cells)
     plans = [plan_cell(cell, source_of(cell)) for cell in cells]

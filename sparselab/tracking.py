@@ -249,7 +249,7 @@ class Tracker:
         self.client.set_terminated(run_id, status)
 
     def mark_latest(self, runs: dict[str, str]) -> None:
-        """Make each run (cell name -> run id) the one `tags.sparselab.latest = 'true'` finds for
+        """Make each run (cell id -> run id: `name`, or `name#i` for replicate i) the one `tags.sparselab.latest = 'true'` finds for
         its cell: one filter in the UI shows every cell's current result (its newest finished
         run, or the earlier run a skipped cell reuses; stores older than the tag get it as cells
         are met). One search for all of them."""
@@ -259,7 +259,7 @@ class Tracker:
                                         filter_string=f"tags.`{LATEST_TAG}` = 'true'",
                                         max_results=5000)
         for run in older:  # compared here: a cell name may hold any character
-            cell = run.data.tags.get("sparselab.cell")
+            cell = cell_id(run.data.tags)
             if cell in runs and run.info.run_id != runs[cell]:
                 self.client.set_tag(run.info.run_id, LATEST_TAG, "false")
         marked = {run.info.run_id for run in older}
@@ -270,6 +270,12 @@ class Tracker:
     def finished_cell(self, cell_hash: str) -> str | None:
         """The id of a FINISHED child run with this cell hash, if one exists."""
         return finished_run(self.client, self.experiment_id, cell_hash)
+
+
+def cell_id(tags: dict[str, str]) -> str | None:
+    """A run's cell as `Cell.id` names it: the cell, and `#i` for replicate i."""
+    cell, replicate = tags.get("sparselab.cell"), tags.get("sparselab.replicate")
+    return cell if cell is None or replicate is None else f"{cell}#{replicate}"
 
 
 def finished_run(client, experiment_id: str, cell_hash: str) -> str | None:
