@@ -201,7 +201,35 @@ def plan(matrix, only, sets, data_dir, device_memory, onload, limits) -> None:
         shares = ", ".join(f"{len({s.key for g in group for r, s in g.roles() if r == role})} "
                            f"distinct {role}" for role, _ in group[0].roles())
         console.print(f"{name}: {len(group)} replicates ({shares})")
+    _print_time(plans, cache)
     _print_memory(matrix, plans, onload, device_memory)
+
+
+def _print_time(plans, cache) -> None:
+    """What the stages still to run will take, from stages of the same label (the same work
+    but for their seeds: another replicate's) that this cache has timed."""
+    from statistics import median
+
+    from sparselab.stages import STORED, stage_status
+    timed: dict[str, list[float]] = {}
+    for entry in cache.entries():
+        try:
+            seconds = entry.metrics.get(f"time.{entry.stage}_s")
+            label = entry.meta.get("label")
+        except (OSError, ValueError):
+            continue
+        if seconds is not None and label:
+            timed.setdefault(label, []).append(seconds)
+    to_run = {s.key: s for p in plans for _, s in p.roles() if stage_status(s, cache) not in STORED}
+    if not to_run:
+        return
+    known = [median(timed[s.label]) for s in to_run.values() if s.label in timed]
+    line = f"to run: {len(to_run)} stage(s)"
+    if known:
+        line += (f"; {len(known)} of them take about {sum(known) / 60:.1f} min together, "
+                 "as stages of the same label took here")
+    console.print(line + ("" if len(known) == len(to_run) else
+                          f"; {len(to_run) - len(known)} without a timed twin"))
 
 
 def _print_memory(matrix: str, plans, onload: bool, device_memory: str | None) -> None:
@@ -653,8 +681,11 @@ def _pairs(items, option: str) -> dict[str, str]:
                    "(to see what pairing adds).")
 @click.option("--only", help="Comma-separated cell or experiment names to show (the baseline "
                              "stays: their Δ is against it).")
+@click.option("--masks", is_flag=True,
+              help="Also the agreement of the masks of each replicated cell's pruned models "
+                   "across its seeds (read from this machine's stage cache).")
 def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, where, metrics,
-           pivot_spec, baseline_cell, unpaired, only) -> None:
+           pivot_spec, baseline_cell, unpaired, only, masks) -> None:
     """Pivot the matrix's MLflow runs into a comparison table (read from the tracking store)."""
     from sparselab import report as rep
     from sparselab.matrix import DENSE, ReportSpec, expand, load_matrix
@@ -711,6 +742,9 @@ def report(matrix, experiment, parent_run, all_runs, fmt, output, plot_file, whe
         rep.load_examples(client, rows)
     result = rep.build(rows, experiment, chosen, baseline, expect, _pairs(where, "--where"), spec)
     result.unpaired_requested = unpaired
+    if masks:
+        from sparselab.cache import StageCache
+        rep.load_masks(result, StageCache())
     if pivot_spec:
         spec = _pairs(pivot_spec.split(), "--pivot")
         if set(spec) != {"rows", "cols", "value"}:

@@ -166,6 +166,8 @@ def _write_card(plan: CellPlan, matrix_name: str, exported: Exported, run_id: st
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {matrix_name} / {plan.cell.name}", "",
              " → ".join(stage.label for stage in plan.model.lineage()), "", notes, "",
+             *([f"**Base weights.** {caveat}", ""]
+               if (caveat := model_source(cfg.model).caveat) else []),
              "## Loading", "", "```python", "import peft, sparselab, transformers",
              f"model = {exported.loader}", "```", ""]
     if _structured(exported.folder):

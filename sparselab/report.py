@@ -236,6 +236,8 @@ class Report:
     spec: ReportSpec = field(default_factory=ReportSpec)
     show_runs: bool = False  # several runs of a cell: label each with its run id
     unpaired_requested: bool = False  # `report --unpaired`: per-example scores left unread
+    # `report --masks`: replicated cell -> its masks' agreement across seeds, or why there is none
+    masks: dict[str, Any] = field(default_factory=dict)
     _changes: dict[tuple[int, str], Change | Refusal | None] = field(default_factory=dict)
 
     def row(self, cell: str) -> Row | None:
@@ -554,6 +556,46 @@ def load_examples(client, rows: list[Row]) -> None:
         row.examples = merged if found else None
 
 
+def load_masks(report: Report, cache) -> None:
+    """Each replicated cell's mask agreement across its seeds (sparselab.prune.agreement), from
+    its replicates' pruned models in `cache`; a reason where they cannot be read."""
+    from sparselab.prune.agreement import mask_agreement
+    for row in report.rows:
+        if not row.replicates:
+            continue
+        keys = list(dict.fromkeys(r.tags.get("sparselab.stage.prune.key")
+                                  for r in row.finished_replicates))
+        if None in keys:
+            report.masks[row.cell] = "not pruned"
+            continue
+        if len(keys) < 2:
+            report.masks[row.cell] = "its replicates share one pruned model"
+            continue
+        entries = [cache.entry("prune", key) for key in keys]
+        if any(e is None or not (e.path / "model").is_dir() for e in entries):
+            report.masks[row.cell] = f"pruned models not in the stage cache {cache.root}"
+            continue
+        report.masks[row.cell] = mask_agreement([e.path / "model" for e in entries])
+
+
+def mask_rows(report: Report) -> list[list[str]]:
+    out = []
+    for cell, found in report.masks.items():
+        if isinstance(found, str):
+            out.append([cell, "", "", "", "", found])
+            continue
+        lowest = min(found.per_layer, key=found.per_layer.get)
+        highest = max(found.per_layer, key=found.per_layer.get)
+        out.append([cell, str(found.models), f"{found.overall:.3f}", f"{found.chance:.3f}",
+                    f"{found.per_layer[lowest]:.3f} (layer {lowest}) – "
+                    f"{found.per_layer[highest]:.3f} (layer {highest})", ""])
+    return out
+
+
+MASK_HEADER = ["cell", "seeds", "mask agreement", "by chance", "per layer (lowest – highest)",
+               "note"]
+
+
 def differing_keys(rows: list[Row]) -> list[str]:
     """Config keys whose values differ between the (non-dense) cells that ran and have them.
 
@@ -780,6 +822,11 @@ def to_markdown(report: Report) -> str:
     if report.verdicts:
         lines += ["", f"**{report.summary()}**", ""] + _md_table(HYPOTHESIS_HEADER,
                                                                hypothesis_rows(report))
+    if report.masks:
+        lines += ["", "Mask agreement across seeds: the Jaccard index of the pruned weights, "
+                  "pooled over every pair of seeds (1: every seed removed the same weights; "
+                  "'by chance': independent draws at that sparsity).", ""]
+        lines += _md_table(MASK_HEADER, mask_rows(report))
     return "\n".join(lines) + "\n"
 
 
@@ -853,7 +900,12 @@ def to_json(report: Report) -> str:
                                         for v in report.verdicts],
                        "paired": not report.unpaired_cells(),
                        "unpaired_cells": report.unpaired_cells(),
-                       "summary": report.summary(), "rule": report.footer}, indent=2)
+                       "summary": report.summary(), "rule": report.footer,
+                       "masks": {cell: found if isinstance(found, str) else
+                                 {"seeds": found.models, "agreement": found.overall,
+                                  "chance": found.chance,
+                                  "per_layer": {str(k): v for k, v in found.per_layer.items()}}
+                                 for cell, found in report.masks.items()}}, indent=2)
 
 
 TONE_COLOURS = {"better": "#1a7f37", "worse": "#cf222e"}
@@ -899,15 +951,23 @@ def to_rich(report: Report):
     for row in body:
         table.add_row(*(f"[{RICH_TONES[tone]}]{escape(text)}[/]" if tone in RICH_TONES
                         else escape(text) for text, tone in row))
+    parts = [table]
+    if report.masks:
+        masks = Table(title="mask agreement across seeds (Jaccard of the pruned weights)")
+        for column in MASK_HEADER:
+            masks.add_column(column)
+        for row in mask_rows(report):
+            masks.add_row(*map(escape, row))
+        parts.append(masks)
     if not report.verdicts:
-        return table
+        return Group(*parts) if len(parts) > 1 else table
     hypotheses = Table(title=report.summary())
     for column in HYPOTHESIS_HEADER:
         hypotheses.add_column(column)
     colours = {"agrees": "green", "disagrees": "red", "inconclusive": "yellow"}
     for row in hypothesis_rows(report):
         hypotheses.add_row(*map(escape, row[:-1]), f"[{colours[row[-1]]}]{row[-1]}[/]")
-    return Group(table, hypotheses)
+    return Group(*parts, hypotheses)
 
 
 def pivot(report: Report, rows_key: str, cols_key: str, metric: str) -> tuple[list[str], list[list[str]]]:

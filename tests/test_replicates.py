@@ -263,9 +263,49 @@ report: {baseline: half, metrics: [wikitext2.ppl]}
     assert {r.data.tags.get("sparselab.replicate") for r in runs} == {None, "0", "1"}
     latest = [r for r in runs if r.data.tags.get("sparselab.latest") == "true"]
     assert len(latest) == 5  # every replicate is a current result of its own
+    more = CliRunner().invoke(main, ["plan", str(matrix), "--set", "replicates.n=3"])
+    said = " ".join(more.output.split())  # the third draws cost what the first two took
+    assert more.exit_code == 0 and "as stages of the same label took here" in said, more.output
+    assert "without a timed twin" not in said
     again = CliRunner().invoke(main, ["run", str(matrix)])
     assert again.exit_code == 0 and again.output.count("skip") >= 5  # all finished
-    report = CliRunner().invoke(main, ["report", str(matrix), "--format", "json"])
+    report = CliRunner().invoke(main, ["report", str(matrix), "--format", "json", "--masks"])
     assert report.exit_code == 0, report.output
-    rows = {r["cell"]: r for r in json.loads(report.output)["rows"]}
+    data = json.loads(report.output)
+    rows = {r["cell"]: r for r in data["rows"]}
     assert rows["quarter"]["replicates"] == 2 and rows["quarter"]["test"] == "replicates"
+    # two calibration draws remove mostly, not exactly, the same weights
+    half = data["masks"]["half"]
+    assert half["seeds"] == 2 and half["chance"] == pytest.approx(1 / 3, abs=0.01)
+    assert half["chance"] < half["agreement"] < 1.0
+
+
+def test_mask_agreement_equals_a_direct_computation(tmp_path, tiny_model_dir):
+    import torch
+
+    from sparselab.models import load_model, save_model
+    from sparselab.prune.agreement import mask_agreement
+    from sparselab.prune.layers import prunable_linears
+    generator = torch.Generator().manual_seed(0)
+    folders, masks = [], []
+    for index in range(3):
+        loaded = load_model(tiny_model_dir)
+        pruned = {}
+        with torch.no_grad():
+            for name, linear in prunable_linears(loaded.model).items():
+                mask = torch.rand(linear.weight.shape, generator=generator) < 0.5
+                linear.weight[mask] = 0
+                pruned[name] = linear.weight == 0
+        save_model(loaded, tmp_path / f"m{index}")
+        folders.append(tmp_path / f"m{index}")
+        masks.append(pruned)
+    found = mask_agreement(folders)
+    inter = union = 0
+    for a, b in itertools.combinations(masks, 2):
+        for name in a:
+            inter += int((a[name] & b[name]).sum())
+            union += int((a[name] | b[name]).sum())
+    assert found.models == 3 and found.overall == pytest.approx(inter / union)
+    assert found.overall == pytest.approx(1 / 3, abs=0.02)  # independent draws at 50%
+    assert set(found.per_layer) == {0, 1, 2, 3}
+    assert mask_agreement(folders[:1] * 2).overall == 1.0
