@@ -31,7 +31,7 @@ def stage_keys() -> dict[str, dict[str, dict[str, str]]]:
         for path in sorted([*ROOT.glob("matrix/*.yaml"), *ROOT.glob("tests/matrices/*.yaml")]):
             cells = expand(load_matrix(path))
             out[str(path.relative_to(ROOT))] = {
-                cell.name: {role: stage.key for role, stage in plan_cell(cell, SOURCE).roles()}
+                cell.id: {role: stage.key for role, stage in plan_cell(cell, SOURCE).roles()}
                 for cell in [*dense_references(cells), *cells]}
     return out
 
