@@ -671,20 +671,22 @@ def _judge_family(report: Report) -> None:
         if want is None:
             verdict.reason = f"'{verdict.expected}' has no meaning for {verdict.metric}"
         elif change.direction == "unresolved":
-            verdict.reason = resolution_text(change)
+            verdict.reason = resolution_text(change, len(tested), spec.alpha)
         elif want == "same":
             verdict.verdict = "agrees" if change.direction == "same" else "disagrees"
         else:
             verdict.verdict = "agrees" if change.direction == want else "disagrees"
 
 
-def resolution_text(change: Change) -> str:
+def resolution_text(change: Change, family: int = 1, alpha: float = 0.05) -> str:
+    """What a comparison could detect and, unresolved, what would resolve it; `family`: the
+    number of hypotheses it is corrected with (a replicated one's seeds must beat that too)."""
     c = change.comparison
     if c is None:
         return ""
     parts = []
     if c.seeds is not None:
-        return _seed_resolution(change)
+        return _seed_resolution(change, family, alpha)
     if c.mde is not None:
         parts.append("no effect is detectable with these examples" if math.isinf(c.mde)
                      else f"detects |Δ| ≥ {fmt(c.mde)}")
@@ -694,8 +696,9 @@ def resolution_text(change: Change) -> str:
     return "; ".join(parts)
 
 
-def _seed_resolution(change: Change) -> str:
-    """What a replicated comparison could resolve, and what more it needs: seeds or examples."""
+def _seed_resolution(change: Change, family: int, alpha: float) -> str:
+    """What a replicated comparison could resolve, and what more it needs: seeds (at least
+    enough for the permutation floor to pass the family's correction) or examples."""
     c, s = change.comparison, change.comparison.seeds
     parts = [f"{s.replicates} seeds: p ≥ {fmt_p(s.p_floor, label=False)}"
              + (f", seed SD of Δ {fmt(s.sd)}" if s.sd is not None else "")
@@ -704,8 +707,14 @@ def _seed_resolution(change: Change) -> str:
         parts.append("no effect is detectable with these seeds" if math.isinf(c.mde)
                      else f"detects |Δ| ≥ {fmt(c.mde)}")
     if change.direction == "unresolved":
-        needs = ([f"~{s.seeds_needed} seeds"] if s.seeds_needed else []) + \
-            ([f"~{c.n_needed} examples"] if c.n_needed else [])
+        floor_seeds = mcnemar_min_discordant(alpha / family)  # 2/2^R below alpha / family
+        seeds = max(s.seeds_needed, floor_seeds) if s.seeds_needed else None
+        needs = ([f"~{seeds} seeds"] if seeds and seeds > s.replicates else []) + \
+            ([f"~{c.n_needed} examples"] if c.n_needed and c.n_needed > c.n
+             and s.replicates >= floor_seeds else [])
+        if s.seeds_needed and s.p_seeds <= s.p_floor and s.replicates < floor_seeds:
+            parts.append(f"every seed agrees, but {s.replicates} seeds cannot pass "
+                         f"{'the correction over ' + str(family) if family > 1 else 'alpha'}")
         parts.append("this Δ needs " + " or ".join(needs) if needs
                      else "this Δ needs more seeds and more examples")
     return "; ".join(parts)

@@ -236,6 +236,8 @@ def test_the_report_judges_each_configuration_across_its_seeds(replicated_store)
     md = CliRunner().invoke(main, ["report", str(replicated_store), "--format", "md"])
     text = " ".join(md.output.split())
     assert "(6 seeds)" in text and "seed SD" in text and "3 seeds: p ≥ 0.25" in text
+    # what would resolve `better`: not examples, but enough seeds for Holm over three (7)
+    assert "6 seeds cannot pass the correction over 3; this Δ needs ~7 seeds" in text
 
 
 def test_a_replicated_matrix_runs_and_reports(workspace):
