@@ -166,7 +166,9 @@ def test_an_entry_made_by_another_runner_while_waiting_is_not_computed_again(tmp
         with cache.lock(stage.kind.name, stage.key):
             locked.set()
             release.wait(10)
-            with cache.writing(stage.kind.name, stage.key, {"by": "other"}):
+            # another runner of this code: its entry names the same code
+            with cache.writing(stage.kind.name, stage.key,
+                               {"by": "other", "code": stage.code.record()}):
                 pass
 
     monkeypatch.setattr(type(stage.kind), "compute",
