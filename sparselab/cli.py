@@ -107,6 +107,15 @@ def _memory_limit(device_memory: str | None, detect: bool) -> tuple[int | None, 
     return None, ""
 
 
+def _cell_count(plans) -> str:
+    """'6 cells', or with replicates '2 cells in 6 runs (replicates)' (dense references aside)."""
+    from sparselab.matrix import is_dense_reference
+    cells = [p.cell for p in plans if not is_dense_reference(p.cell.name)]
+    names = len({c.name for c in cells})
+    return f"{names} cells" if names == len(cells) else \
+        f"{names} cells in {len(cells)} runs (replicates)"
+
+
 def _memory_rows(plans, onload: bool, cache=None):
     """Predicted peaks of the distinct stages (those still to run, given a cache)."""
     from sparselab.footprint import matrix_memory
@@ -148,7 +157,7 @@ def validate(matrices, sets, data_dir, limits) -> None:
             bad += 1
             print_error(exc)
             continue
-        console.print(f"[green]ok[/] {matrix}: {len(plans) - 1} cells + dense reference")
+        console.print(f"[green]ok[/] {matrix}: {_cell_count(plans)} + dense reference")
     if bad:
         console.print(f"{bad} of {len(matrices)} matrix files are not valid")
         sys.exit(2)
@@ -170,7 +179,7 @@ def plan(matrix, only, sets, data_dir, device_memory, onload, limits) -> None:
     mf, plans = prepare_plans(matrix, only, sets, data_dir, limits)
     cache = StageCache()
     users = Counter(stage.key for p in plans for _, stage in p.roles())
-    table = Table(title=f"{mf.matrix.name}: {len(plans) - 1} cells + dense reference")
+    table = Table(title=f"{mf.matrix.name}: {_cell_count(plans)} + dense reference")
     for column in ("cell", "stage", "key", "status", "shared", "what"):
         table.add_column(column)
     for p in plans:
