@@ -108,12 +108,13 @@ def _memory_limit(device_memory: str | None, detect: bool) -> tuple[int | None, 
 
 
 def _cell_count(plans) -> str:
-    """'6 cells', or with replicates '2 cells in 6 runs (replicates)' (dense references aside)."""
+    """'6 cells + dense reference', with replicates '2 cells + dense reference (6 replicate
+    runs)'."""
     from sparselab.matrix import is_dense_reference
     cells = [p.cell for p in plans if not is_dense_reference(p.cell.name)]
     names = len({c.name for c in cells})
-    return f"{names} cells" if names == len(cells) else \
-        f"{names} cells in {len(cells)} runs (replicates)"
+    return f"{names} cells + dense reference" + (
+        "" if names == len(cells) else f" ({len(cells)} replicate runs)")
 
 
 def _memory_rows(plans, onload: bool, cache=None):
@@ -157,7 +158,7 @@ def validate(matrices, sets, data_dir, limits) -> None:
             bad += 1
             print_error(exc)
             continue
-        console.print(f"[green]ok[/] {matrix}: {_cell_count(plans)} + dense reference")
+        console.print(f"[green]ok[/] {matrix}: {_cell_count(plans)}")
     if bad:
         console.print(f"{bad} of {len(matrices)} matrix files are not valid")
         sys.exit(2)
@@ -179,7 +180,7 @@ def plan(matrix, only, sets, data_dir, device_memory, onload, limits) -> None:
     mf, plans = prepare_plans(matrix, only, sets, data_dir, limits)
     cache = StageCache()
     users = Counter(stage.key for p in plans for _, stage in p.roles())
-    table = Table(title=f"{mf.matrix.name}: {_cell_count(plans)} + dense reference")
+    table = Table(title=f"{mf.matrix.name}: {_cell_count(plans)}")
     for column in ("cell", "stage", "key", "status", "shared", "what"):
         table.add_column(column)
     for p in plans:
